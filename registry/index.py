@@ -1,0 +1,216 @@
+"""Exact nearest-key search over the active keys.
+
+This is the only module that imports :mod:`faiss`. The keys live in one contiguous float32
+matrix whose first ``len(index)`` rows are in use; removing a key moves the last row into its
+hole, so a rollback costs O(dim), not O(N) as ``IndexIDMap2.remove_ids`` would. Search is a
+brute-force ``faiss.knn`` (or a torch matmul) over that prefix: exact, with no index object to
+keep in sync.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+
+from .errors import ValidationError
+
+# Below this many queries faiss skips BLAS; batched queries are 3-5x faster with it.
+faiss.cvar.distance_compute_blas_threshold = 20
+BACKENDS = ("faiss", "torch")
+_GPU_FAISS = hasattr(faiss, "StandardGpuResources")
+_gpu_resources = None
+
+
+def _faiss_gpu_resources() -> Any:
+    global _gpu_resources
+    if _gpu_resources is None:
+        _gpu_resources = faiss.StandardGpuResources()
+    return _gpu_resources
+
+
+def _knn_gpu(q: torch.Tensor, keys: torch.Tensor, k: int, metric: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """faiss GPU search on torch tensors (only with a GPU build of faiss)."""
+    import faiss.contrib.torch_utils  # noqa: F401  (patches faiss to take torch tensors)
+
+    return faiss.knn_gpu(_faiss_gpu_resources(), q, keys, k, metric=metric)
+
+
+def _normalise(x: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    """Unit rows (zero rows stay zero) so that inner product is cosine similarity."""
+    if isinstance(x, torch.Tensor):
+        return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+class KeyIndex:
+    """Active keys with int64 edit ids; ``search`` returns exact nearest neighbours.
+
+    Distances: ``1 - cosine similarity`` for ``metric="cosine"``, Euclidean for ``"l2"``.
+    ``add`` of a present id replaces its key and ``remove`` of an absent id does nothing, so
+    replaying a change twice is harmless.
+    """
+
+    def __init__(self, dim: int, metric: str = "cosine", backend: str = "faiss",
+                 device: str | torch.device = "cpu", capacity: int = 1024):
+        if metric not in ("cosine", "l2"):
+            raise ValidationError(f"metric must be 'cosine' or 'l2', got {metric!r}")
+        if backend not in BACKENDS:
+            raise ValidationError(f"index backend must be 'faiss' or 'torch', got {backend!r}")
+        self.device = torch.device(device)
+        if backend == "faiss" and self.device.type != "cpu" and not _GPU_FAISS:
+            raise ValidationError(
+                f"the installed faiss has no GPU support, so it cannot search on {self.device}; "
+                "use backend='torch'"
+            )
+        self.dim, self.metric, self.backend = dim, metric, backend
+        self._on_torch = backend == "torch" or self.device.type != "cpu"
+        self._keys = self._alloc(max(capacity, 1))
+        self._ids = np.empty(max(capacity, 1), dtype=np.int64)
+        self._rows: dict[int, int] = {}
+        self._n = 0
+
+    def _alloc(self, capacity: int) -> np.ndarray | torch.Tensor:
+        if self._on_torch:
+            return torch.empty(capacity, self.dim, dtype=torch.float32, device=self.device)
+        return np.empty((capacity, self.dim), dtype=np.float32)
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __contains__(self, edit_id: object) -> bool:
+        return edit_id in self._rows
+
+    def ids(self) -> np.ndarray:
+        return self._ids[: self._n].copy()
+
+    def add(self, ids: Any, keys: Any) -> None:
+        """Insert (or replace) keys, shape (m, dim), under their edit ids."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        keys = self._as_matrix(keys, "keys")
+        if len(ids) != len(keys):
+            raise ValidationError(f"got {len(ids)} ids for {len(keys)} keys")
+        if not np.isfinite(keys).all():
+            raise ValidationError("keys contain NaN or infinite values")
+        last = {edit_id: pos for pos, edit_id in enumerate(ids.tolist())}  # last one wins
+        if len(last) != len(ids):
+            ids, keys = ids[list(last.values())], keys[list(last.values())]
+        self._reserve(self._n + len(ids))
+        rows = np.fromiter((self._row_for(edit_id) for edit_id in ids.tolist()), np.int64, len(ids))
+        keys = _normalise(keys) if self.metric == "cosine" else keys
+        if self._on_torch:
+            self._keys[torch.from_numpy(rows).to(self.device)] = torch.from_numpy(keys).to(self.device)
+        else:
+            self._keys[rows] = keys
+        self._ids[rows] = ids
+
+    def _row_for(self, edit_id: int) -> int:
+        row = self._rows.get(edit_id)
+        if row is None:
+            row = self._rows[edit_id] = self._n
+            self._n += 1
+        return row
+
+    def _reserve(self, size: int) -> None:
+        """Double the capacity until ``size`` rows fit."""
+        capacity = len(self._ids)
+        if size <= capacity:
+            return
+        while capacity < size:
+            capacity *= 2
+        keys, ids = self._alloc(capacity), np.empty(capacity, dtype=np.int64)
+        keys[: self._n] = self._keys[: self._n]
+        ids[: self._n] = self._ids[: self._n]
+        self._keys, self._ids = keys, ids
+
+    def remove(self, ids: Any) -> None:
+        """Drop keys by id, each by moving the last row into its hole (O(dim) per id)."""
+        for edit_id in np.asarray(ids, dtype=np.int64).reshape(-1).tolist():
+            row = self._rows.pop(edit_id, None)
+            if row is None:
+                continue
+            last = self._n - 1
+            if row != last:
+                moved = int(self._ids[last])
+                self._keys[row] = self._keys[last]
+                self._ids[row] = moved
+                self._rows[moved] = row
+            self._n = last
+
+    def search(self, queries: Any, k: int = 1) -> tuple[Any, Any]:
+        """Distances and ids, each shape (n, k), nearest first; -1 and +inf where none.
+
+        Takes numpy or torch (any float dtype) and answers in kind: torch answers are on
+        the queries' device. Rows with NaN or inf find nothing.
+        """
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValidationError(f"k must be a positive integer, got {k!r}")
+        as_torch = isinstance(queries, torch.Tensor)
+        q, bad = self._zero_non_finite(self._queries(queries))
+        dist = np.full((len(q), k), np.inf, dtype=np.float32)
+        ids = np.full((len(q), k), -1, dtype=np.int64)
+        found = min(k, self._n)
+        if found:
+            d, rows = self._knn(q, found)
+            dist[:, :found], ids[:, :found] = d, self._ids[rows]
+            dist[bad], ids[bad] = np.inf, -1
+        if as_torch:
+            return torch.from_numpy(dist).to(queries.device), torch.from_numpy(ids).to(queries.device)
+        return dist, ids
+
+    def _zero_non_finite(self, q: np.ndarray | torch.Tensor) -> tuple[np.ndarray | torch.Tensor, np.ndarray]:
+        """Zero the rows holding NaN or inf (they must find nothing); also returns their mask."""
+        finite = torch.isfinite(q).all(1) if self._on_torch else np.isfinite(q).all(1)
+        if bool(finite.all()):
+            return q, np.zeros(len(q), dtype=bool)
+        q = q.clone() if self._on_torch else q.copy()
+        q[~finite] = 0
+        return q, ~(finite.cpu().numpy() if self._on_torch else finite)
+
+    def _as_matrix(self, x: Any, what: str) -> np.ndarray:
+        """Any (m, dim) float array or tensor as contiguous float32 numpy."""
+        if isinstance(x, torch.Tensor):
+            x = x.detach().to("cpu", torch.float32).numpy()
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValidationError(f"{what} must have shape (n, {self.dim}), got {tuple(x.shape)}")
+        return x
+
+    def _queries(self, queries: Any) -> np.ndarray | torch.Tensor:
+        """Convert once, at the boundary, to what the backend searches with."""
+        if self._on_torch and isinstance(queries, torch.Tensor):
+            if queries.ndim != 2 or queries.shape[1] != self.dim:
+                raise ValidationError(
+                    f"queries must have shape (n, {self.dim}), got {tuple(queries.shape)}"
+                )
+            q = queries.detach().to(self.device, torch.float32).contiguous()
+        elif self._on_torch:
+            q = torch.from_numpy(self._as_matrix(queries, "queries")).to(self.device)
+        else:
+            q = self._as_matrix(queries, "queries")
+        return _normalise(q) if self.metric == "cosine" else q
+
+    def _knn(self, q: np.ndarray | torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact k-NN over the used rows: (distances, row numbers), both numpy."""
+        if self.backend == "torch":
+            return self._knn_torch(q, k)
+        metric = faiss.METRIC_INNER_PRODUCT if self.metric == "cosine" else faiss.METRIC_L2
+        if self._on_torch:
+            d, rows = _knn_gpu(q, self._keys[: self._n], k, metric)
+            d, rows = d.cpu().numpy(), rows.cpu().numpy()
+        else:
+            d, rows = faiss.knn(q, self._keys[: self._n], k, metric=metric)
+        d = 1.0 - d if self.metric == "cosine" else np.sqrt(np.maximum(d, 0.0))
+        return d, rows
+
+    def _knn_torch(self, q: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+        keys = self._keys[: self._n]                                   # (N, dim)
+        if self.metric == "cosine":
+            sim, rows = (q @ keys.T).topk(k, dim=1)                    # (n, k)
+            d = 1.0 - sim
+        else:
+            sq = (q * q).sum(1, keepdim=True) - 2 * q @ keys.T + (keys * keys).sum(1)  # (n, N)
+            d2, rows = sq.clamp_min(0).topk(k, dim=1, largest=False)
+            d = d2.sqrt()
+        return d.cpu().numpy(), rows.cpu().numpy()

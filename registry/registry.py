@@ -1,0 +1,402 @@
+"""The edit registry: a persistent, versioned store of edits with exact nearest-key routing.
+
+LMDB (``store.py``) is the source of truth. The key index is derived data, built from the
+active keys on first need, so model-free admin commands open instantly at any size. Every
+write is one LMDB transaction that also appends one log event and bumps the generation; other
+processes poll the generation (``refresh``) and replay the events into their index.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from itertools import islice
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+from . import bundle, verify
+from .codec import LIBRARY_VERSION, SCHEMA_VERSION, adapter_nbytes, decode_adapter, decode_json, decode_key
+from .errors import EditNotFound, ReadOnlyError, RegistryError, SchemaError, ValidationError
+from .index import KeyIndex
+from .store import Store, Txn
+from .transaction import NewEdit, Stale, Transaction, get_meta, put_meta
+from .types import STATUSES, Record, RegistryConfig, VerifyReport
+
+T = TypeVar("T")
+Listener = Callable[[dict], None]
+_CHUNK = 1000  # records per short read transaction when streaming
+_KEY_CHUNK = 65536  # keys per step when building the index
+
+
+class EditRegistry:
+    """Edits of one model: records, keys and adapters, with rollback/restore and search.
+
+    Use :meth:`create` or :meth:`open`; the instance is a context manager.
+    """
+
+    def __init__(self, store: Store, config: RegistryConfig, *, backend: str, device: str | torch.device):
+        self._store, self._config = store, config
+        self._backend, self._device = backend, device
+        self._index: KeyIndex | None = None
+        self._listeners: list[Listener] = []
+        self._seen = self.generation
+
+    # --- opening -------------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str | os.PathLike, config: RegistryConfig, *, backend: str = "faiss",
+               device: str | torch.device = "cpu") -> EditRegistry:
+        """Make a new registry in ``path`` (a new or empty directory)."""
+        path = os.fspath(path)
+        if os.path.isfile(path):
+            raise SchemaError(f"{path} is a file, not a registry directory")
+        if cls.exists(path):
+            raise RegistryError(f"a registry already exists at {path}")
+        if os.path.isdir(path) and os.listdir(path):
+            raise RegistryError(f"{path} is not empty; choose a new or empty directory")
+        store = Store(path, create=True)
+        try:
+            store.write(lambda txn: _init_meta(txn, config))
+        except BaseException:
+            store.close()
+            raise
+        return cls(store, config, backend=backend, device=device)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, readonly: bool = False, backend: str = "faiss",
+             device: str | torch.device = "cpu") -> EditRegistry:
+        """Open an existing registry; ``readonly`` refuses every write."""
+        path = os.fspath(path)
+        if os.path.isfile(path):
+            raise SchemaError(f"{path} is a file, not a registry directory")
+        if not os.path.isdir(path):
+            raise SchemaError(f"no registry at {path}: the directory does not exist")
+        if not cls.exists(path):
+            raise SchemaError(f"{path} is not a registry (it has no data.mdb)")
+        store = Store(path, readonly=readonly)
+        try:
+            with store.read() as txn:
+                config = _load_config(txn, path)
+        except BaseException:
+            store.close()
+            raise
+        return cls(store, config, backend=backend, device=device)
+
+    @staticmethod
+    def exists(path: str | os.PathLike) -> bool:
+        return os.path.isfile(os.path.join(os.fspath(path), "data.mdb"))
+
+    def close(self) -> None:
+        self._store.close()
+        self._index = None
+        self._listeners.clear()
+
+    def __enter__(self) -> EditRegistry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"EditRegistry({self.path!r}, readonly={self.readonly})"
+
+    # --- properties ----------------------------------------------------------------------
+    @property
+    def path(self) -> str:
+        return self._store.path
+
+    @property
+    def config(self) -> RegistryConfig:
+        return self._config
+
+    @property
+    def readonly(self) -> bool:
+        return self._store.readonly
+
+    @property
+    def generation(self) -> int:
+        """Number of writes ever committed; changes whenever any process writes."""
+        with self._store.read() as txn:
+            return get_meta(txn, "generation")
+
+    # --- reading -------------------------------------------------------------------------
+    def get(self, edit_id: int) -> Record:
+        edit_id = _check_id(edit_id)
+        with self._store.read() as txn:
+            return _record(txn, edit_id)
+
+    def records(self, status: str | None = None) -> Iterator[Record]:
+        """All records (or those with ``status``) in id order, read in short transactions."""
+        _check_status(status)
+        start = 0
+        while True:
+            with self._store.read() as txn:
+                chunk = list(islice(txn.items("records", start), _CHUNK))
+            for _, data in chunk:
+                rec = Record.from_dict(decode_json(data))
+                if status is None or rec.status == status:
+                    yield rec
+            if len(chunk) < _CHUNK:
+                return
+            start = chunk[-1][0] + 1
+
+    def count(self, status: str | None = None) -> int:
+        _check_status(status)
+        with self._store.read() as txn:
+            counts = get_meta(txn, "counts")
+        return sum(counts.values()) if status is None else counts[status]
+
+    def key(self, edit_id: int) -> np.ndarray:
+        edit_id = _check_id(edit_id)
+        with self._store.read() as txn:
+            rec, data = _record(txn, edit_id), txn.get("keys", edit_id)
+        return decode_key(data, self._config.key_dim, edit_id, rec.key_sha256)
+
+    def adapter(self, edit_id: int) -> dict[str, torch.Tensor]:
+        return self.adapters([edit_id])[_check_id(edit_id)]
+
+    def adapters(self, ids: Sequence[int]) -> dict[int, dict[str, torch.Tensor]]:
+        """Adapters of several edits from one read transaction, each verified against its record."""
+        ids = [_check_id(edit_id) for edit_id in ids]
+        with self._store.read() as txn:
+            stored = [(_record(txn, i), txn.get("adapters", i)) for i in ids]
+        return {rec.id: decode_adapter(data, self._config, rec.id, rec.adapter_sha256)
+                for rec, data in stored}
+
+    # --- search --------------------------------------------------------------------------
+    def nearest(self, queries: Any) -> tuple[Any, Any]:
+        """Distance to and id of the nearest active key per query row, shape (n,) each.
+
+        numpy in, numpy out; torch in, torch out on the queries' device. Call ``refresh()``
+        first to see other processes' writes.
+        """
+        dists, ids = self._ensure_index().search(queries, 1)
+        return dists[:, 0], ids[:, 0]
+
+    def match(self, queries: Any) -> Any:
+        """The edit id routed to per query row, or -1 when none lies within the threshold."""
+        dists, ids = self.nearest(queries)
+        within = dists <= self._config.threshold
+        if isinstance(ids, torch.Tensor):
+            return torch.where(within, ids, torch.full_like(ids, -1))
+        return np.where(within, ids, -1)
+
+    def _ensure_index(self) -> KeyIndex:
+        if self._index is None:
+            self._index = self._build_index()
+        return self._index
+
+    def _build_index(self) -> KeyIndex:
+        """All active keys from one read transaction, in chunks (derived data, never stored)."""
+        dim = self._config.key_dim
+        with self._store.read() as txn:
+            index = KeyIndex(dim, self._config.metric, self._backend, self._device,
+                             capacity=max(1024, txn.entries("active")))
+            active = txn.ids("active")
+            while ids := list(islice(active, _KEY_CHUNK)):
+                index.add(ids, _read_keys(txn, ids, dim))
+        return index
+
+    # --- writing -------------------------------------------------------------------------
+    def add(self, prompt: str, target: str, key: Any, adapter: dict[str, torch.Tensor],
+            info: dict | None = None) -> int:
+        """Store one edit; the nearest active edit within the threshold becomes superseded by it."""
+        self._check_writable()
+        edit = NewEdit.encode(self._config, prompt, target, key, adapter, info)
+        return self._write("add", lambda tx: tx.insert(edit), needs_index=True)
+
+    def add_many(self, items: Iterable[dict], batch_size: int = 1000, *,
+                 check_conflicts: bool = True) -> list[int]:
+        """Store many edits, one transaction per batch (each batch is all or nothing).
+
+        Items are dicts with ``prompt``, ``target``, ``key``, ``adapter`` and optional ``info``.
+        Conflicts are resolved as in :meth:`add`, in order. ``check_conflicts=False`` skips
+        the search (O(N) per edit) for bulk loads whose keys are known to be far apart.
+        """
+        self._check_writable()
+        if batch_size < 1:
+            raise ValidationError(f"batch_size must be at least 1, got {batch_size}")
+        new_ids: list[int] = []
+        items = iter(items)
+        while batch := list(islice(items, batch_size)):
+            edits = [self._new_edit(item) for item in batch]
+            new_ids += self._write("add", lambda tx: tx.insert_many(edits), needs_index=check_conflicts)
+        return new_ids
+
+    def _new_edit(self, item: dict) -> NewEdit:
+        try:
+            return NewEdit.encode(self._config, **item)
+        except TypeError:
+            raise ValidationError(
+                f"add_many items are dicts with prompt, target, key, adapter and optional info; got {sorted(item)}"
+            ) from None
+
+    def rollback(self, edit_id: int) -> Record:
+        """Take an edit out of service; the version it replaced (if any) comes back."""
+        edit_id = _check_id(edit_id)
+        return self._write("rollback", lambda tx: tx.rollback(edit_id), needs_index=False)
+
+    def restore(self, edit_id: int) -> Record:
+        """Put a rolled-back edit back in service, superseding a conflicting active edit."""
+        edit_id = _check_id(edit_id)
+        return self._write("restore", lambda tx: tx.restore(edit_id), needs_index=True)
+
+    def _write(self, op: str, body: Callable[[Transaction], T], *, needs_index: bool) -> T:
+        """Run ``body`` in one write transaction, then update the index and tell listeners.
+
+        The transaction refuses to run on a stale view (another process wrote since our last
+        refresh): we refresh and try again, so conflict checks always see every active key.
+        """
+        self._check_writable()
+        while True:
+            self.refresh()
+            index = self._ensure_index() if needs_index else None
+
+            def run(txn: Txn) -> tuple[T, dict, dict]:
+                tx = Transaction(txn, self._config, index, expected_generation=self._seen)
+                result = body(tx)
+                return result, tx.finish(op), tx.activated_keys()
+
+            try:
+                result, event, keys = self._store.write(run)
+            except Stale:
+                continue
+            self._seen = event["seq"]
+            self._apply(event, keys)
+            return result
+
+    def _check_writable(self) -> None:
+        if self.readonly:
+            raise ReadOnlyError(f"registry at {self.path} is open read-only")
+
+    # --- other processes -----------------------------------------------------------------
+    def refresh(self) -> list[dict]:
+        """Replay writes made since we last looked (by any process) into the index.
+
+        Cheap when nothing changed: one read of the generation. Returns the new events.
+        """
+        with self._store.read() as txn:
+            generation = get_meta(txn, "generation")
+            if generation == self._seen:
+                return []
+            events = [decode_json(data) for _, data in islice(txn.items("log", self._seen + 1),
+                                                              generation - self._seen)]
+            keys = self._keys_for(txn, events) if self._index is not None else {}
+        for event in events:
+            self._apply(event, keys)
+        self._seen = generation
+        return events
+
+    def _keys_for(self, txn: Txn, events: list[dict]) -> dict[int, np.ndarray]:
+        ids = sorted({i for event in events for i in event["activated"]})
+        return dict(zip(ids, _read_keys(txn, ids, self._config.key_dim)))
+
+    def _apply(self, event: dict, keys: dict[int, np.ndarray]) -> None:
+        if event["op"] == "repair":
+            self._index = None  # derived data was rebuilt in the store: rebuild ours lazily
+        elif self._index is not None:
+            self._index.remove(event["deactivated"])
+            if event["activated"]:
+                self._index.add(event["activated"], np.stack([keys[i] for i in event["activated"]]))
+        for listener in list(self._listeners):
+            listener(event)
+
+    def on_change(self, callback: Listener) -> Callable[[], None]:
+        """Call ``callback(event)`` after every write seen (ours or replayed); returns an unsubscriber."""
+        self._listeners.append(callback)
+        return lambda: self._listeners.remove(callback)
+
+    # --- administration ------------------------------------------------------------------
+    def stats(self) -> dict:
+        """JSON-safe summary for ``sola stats``."""
+        with self._store.read() as txn:
+            counts, generation = get_meta(txn, "counts"), get_meta(txn, "generation")
+            schema_version = get_meta(txn, "schema_version")
+        config = self._config.to_dict()
+        del config["fingerprint"]
+        return {**counts, "total": sum(counts.values()), **config, "generation": generation,
+                "disk_bytes": self._store.disk_bytes, "map_size": self._store.map_size,
+                "adapter_bytes": adapter_nbytes(self._config), "schema_version": schema_version,
+                "library_version": LIBRARY_VERSION}
+
+    def verify(self, repair: bool = False) -> VerifyReport:
+        """Check every stored edit and derived structure; ``repair`` rebuilds derived data and
+        rolls back (never deletes) corrupt edits."""
+        if repair:
+            self._check_writable()
+        self.refresh()
+        with self._store.read() as txn:
+            report, corrupt = verify.check(txn, self._config, self._index)
+        if repair and not report.ok:
+            report.repaired = self._write("repair", lambda tx: verify.repair(tx, corrupt),
+                                          needs_index=False)
+        return report
+
+    def export(self, path: str | os.PathLike, status: str | None = "active") -> int:
+        """Write the edits with ``status`` (None: all) to one safetensors bundle; returns the count."""
+        records = list(self.records(status))
+        keys: dict[int, np.ndarray] = {}
+        adapters: dict[int, dict[str, torch.Tensor]] = {}
+        for start in range(0, len(records), _CHUNK):
+            ids = [rec.id for rec in records[start:start + _CHUNK]]
+            keys.update((i, self.key(i)) for i in ids)
+            adapters.update(self.adapters(ids))
+        bundle.write(os.fspath(path), self._config, records, keys, adapters)
+        return len(records)
+
+    def import_(self, path: str | os.PathLike) -> list[int]:
+        """Add every edit of a bundle in one transaction (all or nothing); returns the new ids."""
+        self._check_writable()
+        edits = bundle.read(os.fspath(path), self._config)
+        return self._write("import", lambda tx: tx.insert_many(edits), needs_index=True)
+
+
+def _init_meta(txn: Txn, config: RegistryConfig) -> None:
+    if get_meta(txn, "schema_version") is not None:
+        raise RegistryError("a registry already exists here")
+    for name, value in {"schema_version": SCHEMA_VERSION, "config": config.to_dict(), "next_id": 1,
+                        "generation": 0, "created": time.time(), "library_version": LIBRARY_VERSION,
+                        "counts": dict.fromkeys(STATUSES, 0)}.items():
+        put_meta(txn, name, value)
+
+
+def _load_config(txn: Txn, path: str) -> RegistryConfig:
+    version = get_meta(txn, "schema_version")
+    if version is None:
+        raise SchemaError(f"{path} is not a registry (it has no schema version)")
+    if version != SCHEMA_VERSION:
+        raise SchemaError(
+            f"registry schema version {version} is not supported by this version (expects {SCHEMA_VERSION})"
+        )
+    try:
+        return RegistryConfig.from_dict(get_meta(txn, "config"))
+    except (TypeError, ValueError) as exc:
+        raise SchemaError(f"registry at {path} has an unreadable config: {exc}") from None
+
+
+def _record(txn: Txn, edit_id: int) -> Record:
+    data = txn.get("records", edit_id)
+    if data is None:
+        raise EditNotFound(f"no edit with id {edit_id}")
+    return Record.from_dict(decode_json(data))
+
+
+def _read_keys(txn: Txn, ids: list[int], dim: int) -> np.ndarray:
+    """Keys of ``ids`` as an (n, dim) matrix; a missing or short key is reported by id."""
+    blobs = [txn.get("keys", i) for i in ids]
+    if any(blob is None or len(blob) != dim * 4 for blob in blobs):
+        for i, blob in zip(ids, blobs):
+            decode_key(blob, dim, i)
+    return np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(ids), dim)
+
+
+def _check_id(edit_id: Any) -> int:
+    if isinstance(edit_id, bool) or not isinstance(edit_id, (int, np.integer)):
+        raise ValidationError(f"edit id must be an integer, got {edit_id!r}")
+    return int(edit_id)
+
+
+def _check_status(status: str | None) -> None:
+    if status is not None and status not in STATUSES:
+        raise ValidationError(f"status must be one of {', '.join(STATUSES)}, got {status!r}")

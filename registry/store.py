@@ -1,0 +1,192 @@
+"""The LMDB environment: the registry's single source of truth.
+
+This is the only module that imports :mod:`lmdb`. It keeps one ``Environment`` per path per
+process (LMDB calls a second open of the same path a serious error), gives out short read
+transactions, and runs write transactions that grow the memory map by doubling when it is full.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import struct
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TypeVar
+
+import lmdb
+
+from .errors import ReadOnlyError, RegistryError, SchemaError
+
+DATABASES = ("meta", "records", "keys", "adapters", "log", "active")
+INITIAL_MAP_SIZE = 64 << 20
+MAX_MAP_SIZE = 1 << 40
+T = TypeVar("T")
+
+
+def _encode(key: int | str) -> bytes:
+    """Ints become 8-byte big-endian so that ids iterate in numeric order."""
+    return struct.pack(">Q", key) if isinstance(key, int) else key.encode()
+
+
+class Txn:
+    """One LMDB transaction seen through database names; values come back as copied bytes."""
+
+    def __init__(self, txn: lmdb.Transaction, dbs: dict[str, lmdb._Database]):
+        self._txn = txn
+        self._dbs = dbs
+
+    def get(self, db: str, key: int | str) -> bytes | None:
+        return self._txn.get(_encode(key), db=self._dbs[db])
+
+    def put(self, db: str, key: int | str, value: bytes) -> None:
+        self._txn.put(_encode(key), value, db=self._dbs[db])
+
+    def delete(self, db: str, key: int | str) -> None:
+        self._txn.delete(_encode(key), db=self._dbs[db])
+
+    def items(self, db: str, start: int = 0) -> Iterator[tuple[int, bytes]]:
+        """(id, value) pairs of an id-keyed database, from ``start`` on, in id order."""
+        cursor = self._txn.cursor(db=self._dbs[db])
+        if cursor.set_range(_encode(start)):
+            for key, value in cursor.iternext():
+                yield struct.unpack(">Q", key)[0], value
+
+    def ids(self, db: str, start: int = 0) -> Iterator[int]:
+        cursor = self._txn.cursor(db=self._dbs[db])
+        if cursor.set_range(_encode(start)):
+            for key in cursor.iternext(values=False):
+                yield struct.unpack(">Q", key)[0]
+
+    def entries(self, db: str) -> int:
+        return self._txn.stat(self._dbs[db])["entries"]
+
+    def drop(self, db: str) -> None:
+        """Empty a database (used to rebuild derived data)."""
+        self._txn.drop(self._dbs[db], delete=False)
+
+
+@dataclass
+class _Shared:
+    env: lmdb.Environment
+    dbs: dict[str, lmdb._Database]
+    readonly: bool
+    refs: int = 1
+
+
+_ENVS: dict[str, _Shared] = {}
+_ENVS_LOCK = threading.Lock()
+
+
+def _open_env(path: str, readonly: bool, create: bool, map_size: int) -> _Shared:
+    data_file = os.path.join(path, "data.mdb")
+    if os.path.exists(data_file):
+        map_size = max(map_size, os.path.getsize(data_file))
+    writable_dir = os.access(path, os.W_OK)
+    try:
+        env = lmdb.open(
+            path, subdir=True, create=create, readonly=readonly, lock=writable_dir or not readonly,
+            map_size=map_size, max_dbs=len(DATABASES) + 2,
+        )
+    except lmdb.Error as exc:
+        raise SchemaError(f"cannot open registry at {path}: {exc}") from None
+    try:
+        dbs = {name: env.open_db(name.encode(), create=not readonly) for name in DATABASES}
+    except lmdb.Error:
+        env.close()
+        raise SchemaError(f"{path} is not a registry (its databases are missing)") from None
+    return _Shared(env, dbs, readonly)
+
+
+class Store:
+    """A shared handle on the LMDB environment at ``path`` (a directory)."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        readonly: bool = False,
+        create: bool = False,
+        map_size: int = INITIAL_MAP_SIZE,
+        max_map_size: int = MAX_MAP_SIZE,
+    ):
+        self.path = os.path.realpath(path)
+        self.readonly = readonly
+        self.max_map_size = max_map_size
+        if create:
+            os.makedirs(self.path, exist_ok=True)
+        self._shared = self._acquire(create, map_size)
+        self._closed = False
+
+    def _acquire(self, create: bool, map_size: int) -> _Shared:
+        with _ENVS_LOCK:
+            shared = _ENVS.get(self.path)
+            if shared is None:
+                shared = _ENVS[self.path] = _open_env(self.path, self.readonly, create, map_size)
+            elif shared.readonly and not self.readonly:
+                raise RegistryError(
+                    f"registry at {self.path} is already open read-only in this process; close it first"
+                )
+            else:
+                shared.refs += 1
+            return shared
+
+    @property
+    def env(self) -> lmdb.Environment:
+        if self._closed:
+            raise RegistryError(f"registry at {self.path} is closed")
+        return self._shared.env
+
+    def _begin(self, write: bool) -> lmdb.Transaction:
+        try:
+            return self.env.begin(write=write)
+        except lmdb.MapResizedError:
+            # Another process grew the map: adopt its size, then start again.
+            self.env.set_mapsize(0)
+            return self.env.begin(write=write)
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[Txn]:
+        """A short read transaction; copy what you need out of it before it ends."""
+        with self._begin(write=False) as txn:
+            yield Txn(txn, self._shared.dbs)
+
+    def write(self, fn: Callable[[Txn], T]) -> T:
+        """Run ``fn`` in one write transaction, growing the map and re-running it when full.
+
+        ``fn`` may run more than once, so it must only change the store through its ``Txn``.
+        """
+        if self.readonly:
+            raise ReadOnlyError(f"registry at {self.path} is open read-only")
+        while True:
+            try:
+                with self._begin(write=True) as txn:
+                    return fn(Txn(txn, self._shared.dbs))
+            except lmdb.MapFullError:
+                self._grow()
+
+    def _grow(self) -> None:
+        size = self.map_size
+        if size * 2 > self.max_map_size:
+            raise RegistryError(
+                f"registry is full: its map size of {size} bytes cannot double past {self.max_map_size} bytes"
+            )
+        self.env.set_mapsize(size * 2)
+
+    @property
+    def map_size(self) -> int:
+        return self.env.info()["map_size"]
+
+    @property
+    def disk_bytes(self) -> int:
+        return os.path.getsize(os.path.join(self.path, "data.mdb"))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with _ENVS_LOCK:
+            self._shared.refs -= 1
+            if self._shared.refs == 0:
+                self._shared.env.close()
+                del _ENVS[self.path]

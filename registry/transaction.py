@@ -1,0 +1,257 @@
+"""One write transaction: new edits, status changes with their conflict resolution, counters
+and the single log event that tells other processes what changed.
+
+A :class:`Transaction` lives only inside ``Store.write`` and may be re-run from scratch when
+the map grows, so it changes nothing outside the LMDB transaction; the caller applies
+:meth:`Transaction.finish`'s event to the in-memory index after the commit.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .codec import as_key, decode_json, decode_key, encode_adapter, encode_json, sha256
+from .errors import EditNotFound, InvalidTransition, ValidationError
+from .index import KeyIndex
+from .store import Txn
+from .types import ACTIVE, ROLLED_BACK, STATUSES, SUPERSEDED, Record, RegistryConfig
+
+
+class Stale(Exception):
+    """Another process wrote since this instance last refreshed; retry after refreshing."""
+
+
+def get_meta(txn: Txn, name: str) -> Any:
+    data = txn.get("meta", name)
+    return None if data is None else decode_json(data)
+
+
+def put_meta(txn: Txn, name: str, value: Any) -> None:
+    txn.put("meta", name, encode_json(value))
+
+
+@dataclass
+class NewEdit:
+    """A validated, encoded edit ready to be written (encoding happens outside the txn)."""
+
+    prompt: str
+    target: str
+    key: np.ndarray
+    key_bytes: bytes
+    adapter_bytes: bytes
+    info: dict
+
+    @classmethod
+    def encode(cls, config: RegistryConfig, prompt: str, target: str, key: Any,
+               adapter: dict, info: dict | None = None) -> NewEdit:
+        if not isinstance(prompt, str) or not isinstance(target, str):
+            raise ValidationError("prompt and target must be strings")
+        info = {} if info is None else info
+        if not isinstance(info, dict):
+            raise ValidationError(f"info must be a dict, got {type(info).__name__}")
+        try:
+            encode_json(info)
+        except ValidationError as exc:
+            raise ValidationError(f"info: {exc}") from None
+        key = as_key(key, config.key_dim)
+        return cls(prompt, target, key, key.tobytes(), encode_adapter(adapter, config), info)
+
+
+class Transaction:
+    """The changes of one write; ``index`` (committed active keys) is needed for conflict checks."""
+
+    def __init__(self, txn: Txn, config: RegistryConfig, index: KeyIndex | None,
+                 expected_generation: int | None = None):
+        self.txn, self.config, self.index = txn, config, index
+        self.time = time.time()
+        self._generation = get_meta(txn, "generation")
+        if expected_generation is not None and self._generation != expected_generation:
+            raise Stale()
+        self._next_id = get_meta(txn, "next_id")
+        self._counts = {**dict.fromkeys(STATUSES, 0), **(get_meta(txn, "counts") or {})}
+        self._initial: dict[int, bool] = {}  # id -> was active before this transaction
+        self._final: dict[int, bool] = {}  # id -> is active now
+        self._keys: dict[int, np.ndarray] = {}  # keys of ids activated here
+        self._pending = None if index is None else KeyIndex(config.key_dim, config.metric, capacity=16)
+
+    # --- records -------------------------------------------------------------------------
+    def record(self, edit_id: int) -> Record:
+        data = self.txn.get("records", edit_id)
+        if data is None:
+            raise EditNotFound(f"no edit with id {edit_id}")
+        return Record.from_dict(decode_json(data))
+
+    def save(self, rec: Record) -> None:
+        self.txn.put("records", rec.id, encode_json(rec.to_dict()))
+
+    def _stored_key(self, rec: Record) -> np.ndarray:
+        return decode_key(self.txn.get("keys", rec.id), self.config.key_dim, rec.id, rec.key_sha256)
+
+    def _set_status(self, rec: Record, status: str, key: np.ndarray | None = None) -> None:
+        self._initial.setdefault(rec.id, rec.status == ACTIVE)
+        self._counts[rec.status] = self._counts.get(rec.status, 0) - 1
+        self._counts[status] += 1
+        if status == ACTIVE:
+            self._mark_active(rec.id, key if key is not None else self._stored_key(rec))
+        elif rec.status == ACTIVE:
+            self._mark_inactive(rec.id)
+        rec.status, rec.updated = status, self.time
+        self.save(rec)
+
+    def _mark_active(self, edit_id: int, key: np.ndarray) -> None:
+        self.txn.put("active", edit_id, b"")
+        self._final[edit_id] = True
+        self._keys[edit_id] = key
+        if self._pending is not None:
+            self._pending.add([edit_id], key[None])
+
+    def _mark_inactive(self, edit_id: int) -> None:
+        self.txn.delete("active", edit_id)
+        self._final[edit_id] = False
+        self._keys.pop(edit_id, None)
+        if self._pending is not None:
+            self._pending.remove([edit_id])
+
+    # --- conflicts -----------------------------------------------------------------------
+    def _conflict(self, key: np.ndarray, hint: tuple[float, int] | None = None) -> int | None:
+        """The nearest active edit within the threshold, counting this transaction's changes.
+
+        ``hint`` is a precomputed (distance, id) from the committed index (batched search).
+        """
+        if self.index is None:
+            return None
+        dist, found = hint if hint is not None else _first(self.index.search(key[None], 1))
+        if self._final.get(found) is False:  # changed here: look past what this txn deactivated
+            dist, found = self._nearest_committed(key)
+        pending_dist, pending_found = _first(self._pending.search(key[None], 1))
+        if pending_dist < dist:
+            dist, found = pending_dist, pending_found
+        return found if found >= 0 and dist <= self.config.threshold else None
+
+    def _nearest_committed(self, key: np.ndarray) -> tuple[float, int]:
+        skipped = sum(1 for active in self._final.values() if not active)
+        dists, ids = self.index.search(key[None], min(len(self.index), skipped + 1))
+        for dist, found in zip(dists[0].tolist(), ids[0].tolist()):
+            if self._final.get(found) is not False:
+                return dist, found
+        return math.inf, -1
+
+    def _supersede(self, old_id: int, new_id: int) -> None:
+        old = self.record(old_id)
+        old.superseded_by = new_id
+        self._set_status(old, SUPERSEDED)
+
+    # --- operations ----------------------------------------------------------------------
+    def insert(self, edit: NewEdit, hint: tuple[float, int] | None = None) -> int:
+        """Write a new active edit; the nearest active edit within the threshold is superseded."""
+        new_id = self._next_id
+        self._next_id += 1
+        old_id = self._conflict(edit.key, hint)
+        if old_id is not None:
+            self._supersede(old_id, new_id)
+        rec = Record(new_id, edit.prompt, edit.target, ACTIVE, self.time, self.time, old_id, None,
+                     sha256(edit.key_bytes), sha256(edit.adapter_bytes), edit.info)
+        self.txn.put("keys", new_id, edit.key_bytes)
+        self.txn.put("adapters", new_id, edit.adapter_bytes)
+        self._initial[new_id] = False
+        self._counts[ACTIVE] += 1
+        self._mark_active(new_id, edit.key)
+        self.save(rec)
+        return new_id
+
+    def insert_many(self, edits: list[NewEdit]) -> list[int]:
+        """Insert in order; the committed index is searched once for the whole batch."""
+        hints: list = [None] * len(edits)
+        if self.index is not None and edits:
+            dists, ids = self.index.search(np.stack([edit.key for edit in edits]), 1)
+            hints = list(zip(dists[:, 0].tolist(), ids[:, 0].tolist()))
+        return [self.insert(edit, hint) for edit, hint in zip(edits, hints)]
+
+    def rollback(self, edit_id: int, keep_inactive: frozenset[int] = frozenset()) -> Record:
+        """Take an edit out of service; if it was active, its previous version comes back."""
+        rec = self.record(edit_id)
+        if rec.status == ROLLED_BACK:
+            raise InvalidTransition(f"edit {edit_id} is already rolled back")
+        was_active = rec.status == ACTIVE
+        self._set_status(rec, ROLLED_BACK)
+        if was_active:
+            self._reactivate_previous(rec, keep_inactive)
+        return rec
+
+    def _reactivate_previous(self, rec: Record, keep_inactive: frozenset[int]) -> None:
+        """Walk back the ``supersedes`` chain past rolled-back versions to the one it replaced."""
+        link, seen = rec, {rec.id}
+        while link.supersedes is not None and link.supersedes not in seen:
+            try:
+                prev = self.record(link.supersedes)
+            except EditNotFound:
+                return
+            seen.add(prev.id)
+            if prev.superseded_by != link.id or prev.id in keep_inactive:
+                return
+            if prev.status == SUPERSEDED:
+                prev.superseded_by = None
+                self._set_status(prev, ACTIVE)
+                return
+            if prev.status != ROLLED_BACK:
+                return
+            link = prev
+
+    def restore(self, edit_id: int) -> Record:
+        """Put a rolled-back edit back in service, resolving conflicts as ``insert`` does."""
+        rec = self.record(edit_id)
+        if rec.status == ACTIVE:
+            raise InvalidTransition(f"edit {edit_id} is already active")
+        if rec.status == SUPERSEDED:
+            raise InvalidTransition(
+                f"edit {edit_id} is superseded by edit {rec.superseded_by}, not rolled back; "
+                f"roll back edit {rec.superseded_by} to bring it back"
+            )
+        key = self._stored_key(rec)
+        old_id = self._conflict(key)
+        if old_id is not None:
+            self._supersede(old_id, rec.id)
+            rec.supersedes = old_id
+        rec.superseded_by = None
+        self._set_status(rec, ACTIVE, key)
+        return rec
+
+    def recount(self) -> dict[str, int]:
+        """Rebuild the status counters and the active set from the records (repair)."""
+        counts = dict.fromkeys(STATUSES, 0)
+        self.txn.drop("active")
+        for edit_id, data in self.txn.items("records"):
+            status = decode_json(data).get("status")
+            if status in counts:
+                counts[status] += 1
+            if status == ACTIVE:
+                self.txn.put("active", edit_id, b"")
+        self._counts = counts
+        return counts
+
+    # --- commit --------------------------------------------------------------------------
+    def finish(self, op: str) -> dict:
+        """Append the log event and the new counters; returns the event."""
+        seq = self._generation + 1
+        event = {
+            "seq": seq, "op": op, "time": self.time,
+            "activated": sorted(i for i, on in self._final.items() if on and not self._initial[i]),
+            "deactivated": sorted(i for i, on in self._final.items() if not on and self._initial[i]),
+        }
+        self.txn.put("log", seq, encode_json(event))
+        put_meta(self.txn, "generation", seq)
+        put_meta(self.txn, "next_id", self._next_id)
+        put_meta(self.txn, "counts", self._counts)
+        return event
+
+    def activated_keys(self) -> dict[int, np.ndarray]:
+        return dict(self._keys)
+
+
+def _first(result: tuple[np.ndarray, np.ndarray]) -> tuple[float, int]:
+    dists, ids = result
+    return float(dists[0, 0]), int(ids[0, 0])

@@ -1,0 +1,130 @@
+"""Plain data held by a registry: its configuration and one record per edit."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import ValidationError
+
+ACTIVE, SUPERSEDED, ROLLED_BACK = "active", "superseded", "rolled_back"
+STATUSES = (ACTIVE, SUPERSEDED, ROLLED_BACK)
+METRICS = ("cosine", "l2")
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValidationError(f"{name} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One edited linear layer: each edit stores A (rank, in) and B (out, rank) for it."""
+
+    name: str
+    in_features: int
+    out_features: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValidationError(f"layer name must be a non-empty string, got {self.name!r}")
+        _positive_int(f"in_features of layer {self.name}", self.in_features)
+        _positive_int(f"out_features of layer {self.name}", self.out_features)
+
+
+@dataclass
+class RegistryConfig:
+    """What every edit in one registry shares; persisted once, checked on import."""
+
+    key_dim: int
+    layers: list[LayerSpec]
+    rank: int
+    alpha: float
+    metric: str
+    threshold: float
+    key_source: str
+    fingerprint: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _positive_int("key_dim", self.key_dim)
+        _positive_int("rank", self.rank)
+        self.layers = [_as_layer(layer) for layer in self.layers]
+        if not self.layers:
+            raise ValidationError("layers must name at least one edited layer")
+        names = [layer.name for layer in self.layers]
+        if len(set(names)) != len(names):
+            raise ValidationError(f"layer names must be unique, got {names}")
+        if self.metric not in METRICS:
+            raise ValidationError(f"metric must be 'cosine' or 'l2', got {self.metric!r}")
+        self.alpha = _finite("alpha", self.alpha, minimum=0.0, strict=True)
+        self.threshold = _finite("threshold", self.threshold, minimum=0.0, strict=False)
+        if not isinstance(self.key_source, str) or not self.key_source:
+            raise ValidationError(f"key_source must be a non-empty string, got {self.key_source!r}")
+        _check_json("fingerprint", self.fingerprint)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RegistryConfig:
+        return cls(**data)
+
+
+def _as_layer(layer: LayerSpec | dict) -> LayerSpec:
+    return layer if isinstance(layer, LayerSpec) else LayerSpec(**layer)
+
+
+def _finite(name: str, value: Any, *, minimum: float, strict: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValidationError(f"{name} must be a finite number, got {value!r}")
+    if value < minimum or (strict and value == minimum):
+        relation = ">" if strict else ">="
+        raise ValidationError(f"{name} must be {relation} {minimum}, got {value!r}")
+    return float(value)
+
+
+def _check_json(name: str, value: Any) -> None:
+    if not isinstance(value, dict):
+        raise ValidationError(f"{name} must be a dict, got {type(value).__name__}")
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValidationError(f"{name} is not JSON-serialisable: {exc}") from None
+
+
+@dataclass
+class Record:
+    """Everything about one edit except its key and adapter tensors."""
+
+    id: int
+    prompt: str
+    target: str
+    status: str
+    created: float
+    updated: float
+    supersedes: int | None
+    superseded_by: int | None
+    key_sha256: str
+    adapter_sha256: str
+    info: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dict(vars(self))  # shallow: asdict's deep copy dominated bulk inserts
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Record:
+        return cls(**data)
+
+
+@dataclass
+class VerifyReport:
+    """Outcome of :meth:`EditRegistry.verify`; every problem names the edit it is about."""
+
+    ok: bool
+    checked: int
+    problems: list[str] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

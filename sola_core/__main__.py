@@ -1,0 +1,4 @@
+"""`python -m sola_core` is the `sola` command."""
+from .cli import main
+
+main()

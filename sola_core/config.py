@@ -1,0 +1,67 @@
+"""Settings for editing. `EditConfig` is persisted in the registry at creation; the others are runtime only."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+METRICS = ("cosine", "l2")
+
+
+@dataclass
+class EditConfig:
+    """How a new registry edits its model; fixed for the registry's lifetime once created."""
+
+    layers: list[str] | None = field(
+        default=None, metadata={"help": "module names of the edited linears; None picks one late MLP output projection"}
+    )
+    rank: int = field(default=4, metadata={"help": "LoRA rank of every edit (the paper's ablation found 4 best)"})
+    alpha: float = field(default=4.0, metadata={"help": "LoRA scaling numerator: delta = (alpha / rank) * B A x"})
+    metric: str = field(default="cosine", metadata={"help": "key distance: cosine (1 - cos) or l2 (Euclidean)"})
+    threshold: float = field(
+        default=0.01, metadata={"help": "an input routes to its nearest edit only within this key distance (paper: 0.01)"}
+    )
+    key_source: str = field(default="layer", metadata={"help": "where routing keys come from (see sola_core.keys)"})
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"rank must be >= 1, got {self.rank}")
+        if self.metric not in METRICS:
+            raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
+        if not self.threshold >= 0:
+            raise ValueError(f"threshold must be >= 0, got {self.threshold}")
+        if self.layers is not None and not self.layers:
+            raise ValueError("layers must name at least one module")
+
+
+@dataclass
+class TrainConfig:
+    """How one edit's adapter is trained (runtime only: never stored)."""
+
+    lr: float = field(default=1e-2, metadata={"help": "Adam learning rate"})
+    max_steps: int = field(default=60, metadata={"help": "give up after this many optimizer steps"})
+    margin: float = field(
+        default=2.0, metadata={"help": "stop once every target token beats the runner-up logit by this much"}
+    )
+    seed: int = field(default=0, metadata={"help": "seed for the adapter's initial A matrix"})
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.max_steps < 1:
+            raise ValueError(f"need lr > 0 and max_steps >= 1, got lr={self.lr} max_steps={self.max_steps}")
+
+
+@dataclass
+class RuntimeConfig:
+    """Where and how edits are served (runtime only: never stored)."""
+
+    device: str | None = field(default=None, metadata={"help": "device of routing keys and cached adapters; None = model's"})
+    backend: str = field(default="faiss", metadata={"help": "exact key search: faiss (CPU/GPU faiss) or torch"})
+    cache_slots: int = field(default=1024, metadata={"help": "adapters kept resident on the device (LRU)"})
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("faiss", "torch"):
+            raise ValueError(f"backend must be faiss or torch, got {self.backend!r}")
+        if self.cache_slots < 1:
+            raise ValueError(f"cache_slots must be >= 1, got {self.cache_slots}")
+
+
+def to_dict(cfg: object) -> dict:
+    return asdict(cfg)  # type: ignore[arg-type]

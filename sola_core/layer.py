@@ -1,0 +1,75 @@
+"""The edited layer: the base linear's output plus, for rows routed to an edit, that edit's LoRA delta.
+
+Computing only. Where the layer sits is the editor's business (editor.py); which edit a row gets is
+decided once per sequence by the router (routing.py) and shared by every edited layer through `RoutingState`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+
+@dataclass
+class RoutingState:
+    """Per-batch decision shared by all edited layers of one model (not a module: holds no parameters)."""
+
+    positions: torch.Tensor | None = None  # (B,) index of each row's last real prompt token
+    precomputed: torch.Tensor | None = None  # (B, d) queries a key source computed before the forward
+    decide: bool = False  # set by the model pre-hook on a sequence's first (prompt) pass
+    edit_ids: torch.Tensor | None = None  # (B,) edit id per row, -1 = none
+    rows: torch.Tensor | None = None  # (m,) rows that have an edit
+    slots: torch.Tensor | None = None  # (m,) cache slot of each such row's adapter
+    adapters: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None  # layer -> stacked (A, B)
+    scaling: float = 1.0
+    forced: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # adapter being trained, applied to every row
+
+    def clear(self) -> None:
+        self.edit_ids = self.rows = self.slots = None
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an nn.Linear or GPT-2's Conv1D (whose weight is stored (in, out))."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, Conv1D):
+        return module.weight.shape[0], module.nf
+    raise TypeError(f"can only edit nn.Linear or transformers Conv1D, not {type(module).__name__}")
+
+
+class SolaLayer(nn.Module):
+    """Wraps a frozen linear; adds `scaling * B_i A_i x` for the rows routed to edit i, nothing for the rest.
+
+    LoRA never merges into the weight, so Conv1D's transposed storage needs no special case:
+    A is (r, in) and B is (out, r) for both kinds.
+    """
+
+    def __init__(self, base_layer: nn.Module, index: int, state: RoutingState,
+                 router: Callable[[torch.Tensor], None] | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear_shape(base_layer)
+        self.base_layer = base_layer
+        self.index = index  # position in the registry's layer list
+        self.state = state
+        self.router = router  # only the first edited layer routes; the others reuse its decision
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)  # (B, T, out)
+        s = self.state
+        if s.forced is not None:  # training one edit: its adapter on every row
+            A, B = s.forced[self.index]  # (r, in), (out, r)
+            return out + s.scaling * (x @ A.T @ B.T)
+        if self.router is not None and s.decide:
+            self.router(x)
+        if s.rows is None or s.rows.numel() == 0:
+            return out  # no edit matched: exactly the base output
+        if x.shape[0] != s.edit_ids.shape[0]:
+            raise RuntimeError(f"routing was decided for a batch of {s.edit_ids.shape[0]} rows, got {x.shape[0]}")
+        A, B = s.adapters(self.index)  # (S, r, in), (S, out, r)
+        xa = x[s.rows]  # (m, T, in)
+        h = torch.bmm(xa, A[s.slots].transpose(1, 2))  # (m, T, r)
+        delta = torch.bmm(h, B[s.slots].transpose(1, 2))  # (m, T, out)
+        return out.index_add(0, s.rows, delta, alpha=s.scaling)  # other rows untouched, bit for bit

