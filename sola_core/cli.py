@@ -41,7 +41,7 @@ def emit(rows, as_json: bool, columns: list[str] | None = None) -> None:
             click.echo(f"{key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
         return
     columns = columns or (list(rows[0]) if rows else [])
-    table = [[str(row.get(c, "")) for c in columns] for row in rows]
+    table = [["" if row.get(c) is None else str(row[c]) for c in columns] for row in rows]
     widths = [max([len(c)] + [len(r[i]) for r in table]) for i, c in enumerate(columns)]
     for line in [columns, *table]:
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip())

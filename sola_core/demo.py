@@ -53,6 +53,14 @@ def run_demo(model_name: str | None = None, echo: Callable[[str], None] | None =
         for p, out, r in zip(prompts, after, routes):
             say(f"  [{'-' if r is None else r}] {p}{out!r}")
 
+        threshold = editor.registry.config.threshold
+        distances = {}
+        for label, prompt in (("paraphrase", PARAPHRASE), ("neighbour", NEIGHBOUR)):
+            dist, nearest = editor.registry.nearest(editor.key(prompt)[None])
+            distances[label] = float(dist[0])
+            say(f"{label} {prompt!r}: nearest edit {int(nearest[0])} at key distance {float(dist[0]):.3f} "
+                f"({'routes' if dist[0] <= threshold else 'does not route'}: threshold {threshold})")
+
         editor.rollback(ids[0])
         rolled = editor.generate([EDITS[0][0]], max_new_tokens)[0]
         identical = torch.equal(logits_before, editor.logits([EDITS[0][0]]))
@@ -60,5 +68,5 @@ def run_demo(model_name: str | None = None, echo: Callable[[str], None] | None =
             f"(logits bit-identical to before the edit: {identical})")
     timings["total_s"] = time.perf_counter() - start
     say(f"\nmedian edit {sorted(edit_seconds)[len(edit_seconds) // 2]:.2f} s; total {timings['total_s']:.1f} s")
-    return {"prompts": prompts, "before": before, "after": after, "routes": routes, "edit_ids": ids,
+    return {"prompts": prompts, "before": before, "after": after, "routes": routes, "edit_ids": ids, "key_distances": distances,
             "after_rollback": rolled, "rollback_bit_identical": identical, "timings": timings}
