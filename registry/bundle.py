@@ -7,8 +7,10 @@ bundle is ever used as a file path.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import secrets
 
 import numpy as np
 import safetensors.torch
@@ -44,9 +46,19 @@ def write(path: str, config: RegistryConfig, records: list[Record],
                      "info": r.info} for r in records],
     }
     metadata = {"sola_bundle": "1", "manifest": json.dumps(manifest, allow_nan=False)}
-    tmp = f"{path}.tmp"
-    safetensors.torch.save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    directory, name = os.path.split(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise BundleError(f"cannot write {path}: the directory {directory} does not exist")
+    tmp = os.path.join(directory, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")  # unique per writer
+    try:
+        safetensors.torch.save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        if isinstance(exc, Exception) and not isinstance(exc, OSError):  # safetensors' own error types
+            raise BundleError(f"cannot write {path}: {exc}") from None
+        raise
 
 
 def read(path: str, config: RegistryConfig) -> list[NewEdit]:

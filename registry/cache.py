@@ -43,6 +43,11 @@ class AdapterCache:
     def __contains__(self, edit_id: object) -> bool:
         return edit_id in self._slots
 
+    @property
+    def nbytes(self) -> int:
+        """Device memory held by the slots (all allocated up front)."""
+        return sum(t.element_size() * t.numel() for t in (*self._A, *self._B))
+
     def tensors(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Stacked (A, B) of one layer: (capacity, rank, in) and (capacity, out, rank)."""
         return self._A[layer_idx], self._B[layer_idx]

@@ -7,6 +7,7 @@ processes poll the generation (``refresh``) and replay the events into their ind
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -18,12 +19,13 @@ import torch
 
 from . import bundle, verify
 from .codec import LIBRARY_VERSION, SCHEMA_VERSION, adapter_nbytes, decode_adapter, decode_json, decode_key
-from .errors import EditNotFound, ReadOnlyError, RegistryError, SchemaError, ValidationError
+from .errors import CorruptEdit, EditNotFound, ReadOnlyError, RegistryError, SchemaError, ValidationError
 from .index import KeyIndex
-from .store import Store, Txn
+from .store import MAX_MAP_SIZE, Store, Txn
 from .transaction import NewEdit, Stale, Transaction, get_meta, put_meta
 from .types import STATUSES, Record, RegistryConfig, VerifyReport
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 Listener = Callable[[dict], None]
 _CHUNK = 1000  # records per short read transaction when streaming
@@ -46,8 +48,8 @@ class EditRegistry:
     # --- opening -------------------------------------------------------------------------
     @classmethod
     def create(cls, path: str | os.PathLike, config: RegistryConfig, *, backend: str = "faiss",
-               device: str | torch.device = "cpu") -> EditRegistry:
-        """Make a new registry in ``path`` (a new or empty directory)."""
+               device: str | torch.device = "cpu", max_map_size: int = MAX_MAP_SIZE) -> EditRegistry:
+        """Make a new registry in ``path`` (a new or empty directory); it may grow to ``max_map_size`` bytes."""
         path = os.fspath(path)
         if os.path.isfile(path):
             raise SchemaError(f"{path} is a file, not a registry directory")
@@ -55,7 +57,7 @@ class EditRegistry:
             raise RegistryError(f"a registry already exists at {path}")
         if os.path.isdir(path) and os.listdir(path):
             raise RegistryError(f"{path} is not empty; choose a new or empty directory")
-        store = Store(path, create=True)
+        store = Store(path, create=True, max_map_size=max_map_size)
         try:
             store.write(lambda txn: _init_meta(txn, config))
         except BaseException:
@@ -65,8 +67,8 @@ class EditRegistry:
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, readonly: bool = False, backend: str = "faiss",
-             device: str | torch.device = "cpu") -> EditRegistry:
-        """Open an existing registry; ``readonly`` refuses every write."""
+             device: str | torch.device = "cpu", max_map_size: int = MAX_MAP_SIZE) -> EditRegistry:
+        """Open an existing registry; ``readonly`` refuses every write (and works on a read-only filesystem)."""
         path = os.fspath(path)
         if os.path.isfile(path):
             raise SchemaError(f"{path} is a file, not a registry directory")
@@ -74,7 +76,7 @@ class EditRegistry:
             raise SchemaError(f"no registry at {path}: the directory does not exist")
         if not cls.exists(path):
             raise SchemaError(f"{path} is not a registry (it has no data.mdb)")
-        store = Store(path, readonly=readonly)
+        store = Store(path, readonly=readonly, max_map_size=max_map_size)
         try:
             with store.read() as txn:
                 config = _load_config(txn, path)
@@ -157,12 +159,19 @@ class EditRegistry:
         return self.adapters([edit_id])[_check_id(edit_id)]
 
     def adapters(self, ids: Sequence[int]) -> dict[int, dict[str, torch.Tensor]]:
-        """Adapters of several edits from one read transaction, each verified against its record."""
+        """Adapters of several edits from one read transaction, each verified against its record.
+
+        An edit is handed out only whole: its key must match its checksum too, so an edit whose key
+        or adapter is corrupt raises :class:`CorruptEdit` (naming it) and is never applied.
+        """
         ids = [_check_id(edit_id) for edit_id in ids]
         with self._store.read() as txn:
-            stored = [(_record(txn, i), txn.get("adapters", i)) for i in ids]
-        return {rec.id: decode_adapter(data, self._config, rec.id, rec.adapter_sha256)
-                for rec, data in stored}
+            stored = [(_record(txn, i), txn.get("keys", i), txn.get("adapters", i)) for i in ids]
+        adapters = {}
+        for rec, key, data in stored:
+            decode_key(key, self._config.key_dim, rec.id, rec.key_sha256)
+            adapters[rec.id] = decode_adapter(data, self._config, rec.id, rec.adapter_sha256)
+        return adapters
 
     # --- search --------------------------------------------------------------------------
     def nearest(self, queries: Any) -> tuple[Any, Any]:
@@ -195,7 +204,7 @@ class EditRegistry:
                              capacity=max(1024, txn.entries("active")))
             active = txn.ids("active")
             while ids := list(islice(active, _KEY_CHUNK)):
-                index.add(ids, _read_keys(txn, ids, dim))
+                index.add(*_read_keys(txn, ids, dim))
         return index
 
     # --- writing -------------------------------------------------------------------------
@@ -241,6 +250,12 @@ class EditRegistry:
         """Put a rolled-back edit back in service, superseding a conflicting active edit."""
         edit_id = _check_id(edit_id)
         return self._write("restore", lambda tx: tx.restore(edit_id), needs_index=True)
+
+    def set_threshold(self, threshold: float) -> RegistryConfig:
+        """Change the routing threshold (``sola calibrate``); other processes pick it up on refresh."""
+        config = RegistryConfig.from_dict({**self._config.to_dict(), "threshold": threshold})  # validates
+        self._write("config", lambda tx: put_meta(tx.txn, "config", config.to_dict()), needs_index=False)
+        return self._config
 
     def _write(self, op: str, body: Callable[[Transaction], T], *, needs_index: bool) -> T:
         """Run ``body`` in one write transaction, then update the index and tell listeners.
@@ -289,16 +304,21 @@ class EditRegistry:
         return events
 
     def _keys_for(self, txn: Txn, events: list[dict]) -> dict[int, np.ndarray]:
-        ids = sorted({i for event in events for i in event["activated"]})
-        return dict(zip(ids, _read_keys(txn, ids, self._config.key_dim)))
+        ids, keys = _read_keys(txn, sorted({i for event in events for i in event["activated"]}),
+                               self._config.key_dim)
+        return dict(zip(ids, keys))
 
     def _apply(self, event: dict, keys: dict[int, np.ndarray]) -> None:
-        if event["op"] == "repair":
+        if event["op"] == "config":
+            with self._store.read() as txn:
+                self._config = _load_config(txn, self.path)
+        elif event["op"] == "repair":
             self._index = None  # derived data was rebuilt in the store: rebuild ours lazily
         elif self._index is not None:
             self._index.remove(event["deactivated"])
-            if event["activated"]:
-                self._index.add(event["activated"], np.stack([keys[i] for i in event["activated"]]))
+            activated = [i for i in event["activated"] if i in keys]  # unreadable keys never route
+            if activated:
+                self._index.add(activated, np.stack([keys[i] for i in activated]))
         for listener in list(self._listeners):
             listener(event)
 
@@ -320,14 +340,17 @@ class EditRegistry:
                 "adapter_bytes": adapter_nbytes(self._config), "schema_version": schema_version,
                 "library_version": LIBRARY_VERSION}
 
-    def verify(self, repair: bool = False) -> VerifyReport:
+    def verify(self, repair: bool = False, fingerprint: dict | None = None) -> VerifyReport:
         """Check every stored edit and derived structure; ``repair`` rebuilds derived data and
-        rolls back (never deletes) corrupt edits."""
+        rolls back (never deletes) corrupt edits.
+
+        ``fingerprint``: the model's, to check that this registry was made for it.
+        """
         if repair:
             self._check_writable()
         self.refresh()
         with self._store.read() as txn:
-            report, corrupt = verify.check(txn, self._config, self._index)
+            report, corrupt = verify.check(txn, self._config, self._index, fingerprint)
         if repair and not report.ok:
             report.repaired = self._write("repair", lambda tx: verify.repair(tx, corrupt),
                                           needs_index=False)
@@ -382,18 +405,39 @@ def _record(txn: Txn, edit_id: int) -> Record:
     return Record.from_dict(decode_json(data))
 
 
-def _read_keys(txn: Txn, ids: list[int], dim: int) -> np.ndarray:
-    """Keys of ``ids`` as an (n, dim) matrix; a missing or short key is reported by id."""
+def _read_keys(txn: Txn, ids: list[int], dim: int) -> tuple[list[int], np.ndarray]:
+    """The ids whose keys are readable and those keys as an (n, dim) matrix.
+
+    A missing, short or non-finite key is left out with a warning naming its edit: one corrupt
+    edit must not stop the others from being served (``verify`` reports it, ``--repair`` rolls it back).
+    """
     blobs = [txn.get("keys", i) for i in ids]
     if any(blob is None or len(blob) != dim * 4 for blob in blobs):
-        for i, blob in zip(ids, blobs):
-            decode_key(blob, dim, i)
-    return np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(ids), dim)
+        good = [(i, blob) for i, blob in zip(ids, blobs) if _readable_key(blob, dim, i)]
+        ids, blobs = [i for i, _ in good], [blob for _, blob in good]
+    keys = np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(ids), dim)
+    finite = np.isfinite(keys).all(axis=1)
+    if not finite.all():
+        for i in np.asarray(ids)[~finite].tolist():
+            log.warning("edit %d is not served: its key contains NaN or infinite values", i)
+        ids, keys = np.asarray(ids)[finite].tolist(), keys[finite]
+    return ids, keys
+
+
+def _readable_key(blob: bytes | None, dim: int, edit_id: int) -> bool:
+    try:
+        decode_key(blob, dim, edit_id)
+    except CorruptEdit as exc:
+        log.warning("edit %d is not served: %s", edit_id, exc)
+        return False
+    return True
 
 
 def _check_id(edit_id: Any) -> int:
     if isinstance(edit_id, bool) or not isinstance(edit_id, (int, np.integer)):
         raise ValidationError(f"edit id must be an integer, got {edit_id!r}")
+    if not 0 <= edit_id < 1 << 63:
+        raise ValidationError(f"edit ids are positive integers, got {edit_id}")
     return int(edit_id)
 
 

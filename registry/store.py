@@ -83,6 +83,11 @@ def _open_env(path: str, readonly: bool, create: bool, map_size: int) -> _Shared
     if os.path.exists(data_file):
         map_size = max(map_size, os.path.getsize(data_file))
     writable_dir = os.access(path, os.W_OK)
+    if not readonly and not writable_dir:
+        raise ReadOnlyError(
+            f"registry at {path} is not writable (read-only filesystem or no permission); "
+            "it can still be opened read-only, to read and to serve"
+        )
     try:
         env = lmdb.open(
             path, subdir=True, create=create, readonly=readonly, lock=writable_dir or not readonly,
@@ -95,6 +100,8 @@ def _open_env(path: str, readonly: bool, create: bool, map_size: int) -> _Shared
     except lmdb.Error:
         env.close()
         raise SchemaError(f"{path} is not a registry (its databases are missing)") from None
+    if not readonly:
+        env.reader_check()  # free reader slots left by killed processes, so old pages can be reused
     return _Shared(env, dbs, readonly)
 
 
@@ -113,8 +120,12 @@ class Store:
         self.path = os.path.realpath(path)
         self.readonly = readonly
         self.max_map_size = max_map_size
+        map_size = min(map_size, max_map_size)
         if create:
-            os.makedirs(self.path, exist_ok=True)
+            try:
+                os.makedirs(self.path, exist_ok=True)
+            except OSError as exc:
+                raise RegistryError(f"cannot create a registry at {self.path}: {exc.strerror}") from None
         self._shared = self._acquire(create, map_size)
         self._closed = False
 
@@ -148,8 +159,11 @@ class Store:
     @contextlib.contextmanager
     def read(self) -> Iterator[Txn]:
         """A short read transaction; copy what you need out of it before it ends."""
-        with self._begin(write=False) as txn:
-            yield Txn(txn, self._shared.dbs)
+        try:
+            with self._begin(write=False) as txn:
+                yield Txn(txn, self._shared.dbs)
+        except lmdb.Error as exc:
+            raise RegistryError(f"cannot read the registry at {self.path}: {exc}") from None
 
     def write(self, fn: Callable[[Txn], T]) -> T:
         """Run ``fn`` in one write transaction, growing the map and re-running it when full.
@@ -164,6 +178,10 @@ class Store:
                     return fn(Txn(txn, self._shared.dbs))
             except lmdb.MapFullError:
                 self._grow()
+            except lmdb.Error as exc:  # e.g. the disk is full: LMDB aborted the transaction
+                raise RegistryError(
+                    f"could not write to the registry at {self.path} (is the disk full?); nothing was written: {exc}"
+                ) from None
 
     def _grow(self) -> None:
         size = self.map_size

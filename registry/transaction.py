@@ -50,6 +50,11 @@ class NewEdit:
                adapter: dict, info: dict | None = None) -> NewEdit:
         if not isinstance(prompt, str) or not isinstance(target, str):
             raise ValidationError("prompt and target must be strings")
+        for name, text in (("prompt", prompt), ("target", target)):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValidationError(f"{name} is not valid Unicode text (it holds a lone surrogate)") from None
         info = {} if info is None else info
         if not isinstance(info, dict):
             raise ValidationError(f"info must be a dict, got {type(info).__name__}")
@@ -221,16 +226,20 @@ class Transaction:
         return rec
 
     def recount(self) -> dict[str, int]:
-        """Rebuild the status counters and the active set from the records (repair)."""
+        """Rebuild the status counters, the active set and the next id from the records (repair)."""
         counts = dict.fromkeys(STATUSES, 0)
         self.txn.drop("active")
+        last_id = 0
         for edit_id, data in self.txn.items("records"):
+            last_id = edit_id
             status = decode_json(data).get("status")
             if status in counts:
                 counts[status] += 1
             if status == ACTIVE:
                 self.txn.put("active", edit_id, b"")
         self._counts = counts
+        if not isinstance(self._next_id, int) or self._next_id <= last_id:
+            self._next_id = last_id + 1
         return counts
 
     # --- commit --------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 
 ``check`` reads everything in one read transaction so counters and records are compared on
 one consistent snapshot. ``repair`` runs inside a write transaction: it rolls corrupt edits
-back (never deletes them) and rebuilds the derived data (counters, active set); the caller's
-index is rebuilt from the store afterwards.
+back (never deletes them), drops keys and adapters that belong to no record, and rebuilds the
+derived data (counters, active set, next id); the caller's index is rebuilt from the store afterwards.
 """
 from __future__ import annotations
 
@@ -17,15 +17,19 @@ from .transaction import Transaction, get_meta
 from .types import ACTIVE, ROLLED_BACK, STATUSES, SUPERSEDED, Record, RegistryConfig, VerifyReport
 
 
-def check(txn: Txn, config: RegistryConfig, index: KeyIndex | None) -> tuple[VerifyReport, dict[int, str]]:
-    """All problems found, and the corrupt edits (id -> reason) that repair should roll back."""
-    problems: list[str] = _meta_problems(txn, config)
+def check(txn: Txn, config: RegistryConfig, index: KeyIndex | None,
+          fingerprint: dict | None = None) -> tuple[VerifyReport, dict[int, str]]:
+    """All problems found, and the corrupt edits (id -> reason) that repair should roll back.
+
+    ``fingerprint``, when given, is the model's: it must equal the one the registry was made for.
+    """
+    problems: list[str] = _meta_problems(txn, config) + _fingerprint_problems(config, fingerprint)
     corrupt: dict[int, str] = {}
     counted: Counter = Counter()
     active: set[int] = set()
-    checked = 0
+    checked = last_id = 0
     for edit_id, data in txn.items("records"):
-        checked += 1
+        checked, last_id = checked + 1, edit_id
         try:
             rec = Record.from_dict(decode_json(data))
         except (ValueError, TypeError) as exc:
@@ -40,6 +44,7 @@ def check(txn: Txn, config: RegistryConfig, index: KeyIndex | None) -> tuple[Ver
             problems.append(reason)
             corrupt[edit_id] = reason
     problems += _derived_problems(txn, counted, active, index)
+    problems += _orphans(txn) + _log_problems(txn, last_id)
     return VerifyReport(ok=not problems, checked=checked, problems=problems), corrupt
 
 
@@ -49,6 +54,38 @@ def _meta_problems(txn: Txn, config: RegistryConfig) -> list[str]:
         problems.append("meta: schema version is missing or wrong")
     if get_meta(txn, "config") != config.to_dict():
         problems.append("meta: stored config differs from the one this registry was opened with")
+    return problems
+
+
+def _fingerprint_problems(config: RegistryConfig, fingerprint: dict | None) -> list[str]:
+    if fingerprint is None or fingerprint == config.fingerprint:
+        return []
+    fields = sorted(name for name in set(fingerprint) | set(config.fingerprint)
+                    if fingerprint.get(name) != config.fingerprint.get(name))
+    return [f"meta: the model's fingerprint differs from the registry's in {', '.join(fields)}"]
+
+
+def _orphans(txn: Txn) -> list[str]:
+    """Keys and adapters that belong to no record (an edit is stored whole or not at all)."""
+    return [f"{what} stored for edit {edit_id}, which has no record"
+            for db, what in (("keys", "key"), ("adapters", "adapter"))
+            for edit_id in orphan_ids(txn, db)]
+
+
+def orphan_ids(txn: Txn, db: str) -> list[int]:
+    return [edit_id for edit_id in txn.ids(db) if txn.get("records", edit_id) is None]
+
+
+def _log_problems(txn: Txn, last_id: int) -> list[str]:
+    """Readers replay the log up to the generation, and new ids must never reuse old ones."""
+    problems = []
+    generation, next_id = get_meta(txn, "generation"), get_meta(txn, "next_id")
+    if not isinstance(generation, int) or generation < 0:
+        problems.append(f"meta: generation {generation!r} is not a count of writes")
+    elif generation > 0 and next(txn.ids("log", generation), None) != generation:
+        problems.append(f"meta: generation {generation} has no log event, so other processes cannot replay it")
+    if not isinstance(next_id, int) or next_id <= last_id:
+        problems.append(f"meta: next id {next_id!r} is not above the highest edit id {last_id}")
     return problems
 
 
@@ -108,6 +145,10 @@ def repair(tx: Transaction, corrupt: dict[int, str]) -> list[str]:
             rec.info["corrupt"] = reason
             tx.save(rec)
             repaired.append(f"edit {edit_id} rolled back: {reason}")
+    for db in ("keys", "adapters"):
+        for edit_id in orphan_ids(tx.txn, db):
+            tx.txn.delete(db, edit_id)
+            repaired.append(f"{db[:-1]} of edit {edit_id}, which has no record, removed")
     counts = tx.recount()
     repaired.append(f"status counters and active set rebuilt: {counts}")
     repaired.append("search index dropped; it is rebuilt from the store on next use")

@@ -28,7 +28,15 @@ class SolaGroup(click.Group):
         try:
             return super().invoke(ctx)
         except USER_ERRORS as e:
-            raise click.ClickException(str(e) or type(e).__name__) from e
+            raise click.ClickException(one_line(str(e) or type(e).__name__)) from e
+        except click.ClickException as e:  # also Click's usage errors, which quote the user's arguments
+            e.message = one_line(e.message)
+            raise
+
+
+def one_line(text: str) -> str:
+    """Escape line breaks and other unprintable characters (from user input) so an error stays one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def emit(rows, as_json: bool, columns: list[str] | None = None) -> None:
@@ -68,7 +76,9 @@ def open_registry(ctx: click.Context, readonly: bool = False) -> EditRegistry:
     return registry
 
 
-def open_editor(ctx: click.Context, config: EditConfig | None = None, must_exist: bool = True):
+def open_editor(ctx: click.Context, config: EditConfig | None = None, must_exist: bool = True,
+                readonly: bool = False, check=None):
+    """`check(model, tokenizer)` runs after the model loads and before the registry is opened or created."""
     from .editor import SolaEditor
     from .models import load_model
 
@@ -80,7 +90,10 @@ def open_editor(ctx: click.Context, config: EditConfig | None = None, must_exist
     if must_exist and not EditRegistry.exists(path):
         raise click.ClickException(f"no registry at {path}: create it with `sola init`")
     model, tokenizer = load_model(ctx.obj["model"], device=ctx.obj["device"] or "cpu")
-    editor = SolaEditor.open(path, model, tokenizer, config=config, runtime=RuntimeConfig(device=ctx.obj["device"]))
+    if check is not None:
+        check(model, tokenizer)
+    editor = SolaEditor.open(path, model, tokenizer, config=config, runtime=RuntimeConfig(device=ctx.obj["device"]),
+                             readonly=readonly)
     ctx.call_on_close(editor.close)
     return editor
 
@@ -105,34 +118,66 @@ def cli(ctx: click.Context, registry: str | None, model: str, device: str | None
 @click.option("--rank", type=int, default=EditConfig.rank, show_default=True)
 @click.option("--alpha", type=float, default=EditConfig.alpha, show_default=True)
 @click.option("--metric", type=click.Choice(["cosine", "l2"]), default=EditConfig.metric, show_default=True)
-@click.option("--threshold", type=float, default=EditConfig.threshold, show_default=True)
+@click.option("--threshold", type=float, default=None, help="Routing threshold (default: the key source's).")
+@click.option("--key-source", type=click.Choice(["encoder", "layer"]), default=EditConfig.key_source, show_default=True)
 @click.pass_context
-def init(ctx, layers, rank, alpha, metric, threshold):
+def init(ctx, layers, rank, alpha, metric, threshold, key_source):
     """Create an empty registry bound to --model."""
     if EditRegistry.exists(registry_path(ctx)):
         raise click.ClickException(f"a registry already exists at {registry_path(ctx)}")
     config = EditConfig(layers=layers.split(",") if layers else None, rank=rank, alpha=alpha,
-                        metric=metric, threshold=threshold)
+                        metric=metric, threshold=threshold, key_source=key_source)
     editor = open_editor(ctx, config, must_exist=False)
     click.echo(f"created registry at {editor.registry.path} editing {', '.join(l.name for l in editor.registry.config.layers)}")
 
 
-def read_jsonl(path: str) -> list[tuple[str, str]]:
-    """All (prompt, target) pairs, checked before any edit is made: a bad line writes nothing."""
+def read_jsonl(path: str) -> list[tuple[int, str, str]]:
+    """All (line number, prompt, target), checked before any edit is made: a bad line writes nothing."""
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise click.ClickException(f"{path} line {n}: not valid UTF-8 text") from None
             if not line.strip():
                 continue
             try:
                 item = json.loads(line)
                 prompt, target = item["prompt"], item["target"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+            except (json.JSONDecodeError, KeyError, TypeError, IndexError, RecursionError) as e:
                 raise click.ClickException(f"{path} line {n}: expected a JSON object with prompt and target ({e})")
             if not isinstance(prompt, str) or not isinstance(target, str) or not prompt.strip() or not target.strip():
                 raise click.ClickException(f"{path} line {n}: prompt and target must be non-empty strings")
-            pairs.append((prompt, target))
+            try:
+                (prompt + target).encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate: JSON allows it, tokenizers and terminals do not
+                raise click.ClickException(f"{path} line {n}: prompt and target must be valid Unicode text") from None
+            pairs.append((n, prompt, target))
     return pairs
+
+
+def check_pairs(pairs: list[tuple[int, str, str]], where: str | None):
+    """A `check` for open_editor: every edit must fit the model before the first one is trained."""
+    from .editor import check_edit
+
+    def check(model, tokenizer) -> None:
+        for n, prompt, target in pairs:
+            try:
+                check_edit(model, tokenizer, prompt, target)
+            except ValueError as e:
+                raise click.ClickException(f"{where} line {n}: {e}" if where else str(e)) from None
+    return check
+
+
+def check_prompts(prompts) -> None:
+    for prompt in prompts:
+        if not prompt.strip():
+            raise click.ClickException("prompts must not be empty or only whitespace")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:
+            raise click.ClickException(f"prompt {prompt!r} is not valid Unicode text") from None
 
 
 @cli.command()
@@ -147,12 +192,12 @@ def edit(ctx, prompt, target, file_, max_steps, lr, as_json):
     """Fix one fact (--prompt/--target) or many (--file); creates the registry if needed."""
     if bool(file_) == bool(prompt is not None or target is not None):
         raise click.UsageError("give either --prompt and --target, or --file")
-    pairs = read_jsonl(file_) if file_ else [(prompt or "", target or "")]
+    pairs = read_jsonl(file_) if file_ else [(0, prompt or "", target or "")]
     train = TrainConfig(lr=lr, max_steps=max_steps)
-    editor = open_editor(ctx, must_exist=False)
+    editor = open_editor(ctx, must_exist=False, check=check_pairs(pairs, file_))
     rows = []
     with click.progressbar(pairs, label="editing", file=sys.stderr, hidden=len(pairs) < 2) as bar:
-        for p, t in bar:
+        for _, p, t in bar:
             rows.append(record_row(editor.registry.get(editor.edit(p, t, train))))
     for row in rows:
         if not row["info"].get("converged"):
@@ -162,12 +207,13 @@ def edit(ctx, prompt, target, file_, max_steps, lr, as_json):
 
 @cli.command()
 @click.argument("prompts", nargs=-1, required=True)
-@click.option("--max-new-tokens", type=int, default=20, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=20, show_default=True)
 @json_option
 @click.pass_context
 def generate(ctx, prompts, max_new_tokens, as_json):
     """Greedy continuations of PROMPTS from the edited model."""
-    editor = open_editor(ctx)
+    check_prompts(prompts)
+    editor = open_editor(ctx, readonly=True)  # serving never writes, so it works on a read-only registry
     outputs = editor.generate(list(prompts), max_new_tokens=max_new_tokens)
     rows = [{"prompt": p, "edit": e, "output": o} for p, e, o in zip(prompts, editor.state.edit_ids.tolist(), outputs)]
     for row in rows:
@@ -184,13 +230,14 @@ def generate(ctx, prompts, max_new_tokens, as_json):
 @click.pass_context
 def route(ctx, prompts, as_json):
     """Which edit (if any) fires for each of PROMPTS."""
-    editor = open_editor(ctx)
+    check_prompts(prompts)
+    editor = open_editor(ctx, readonly=True)
     emit([{"prompt": p, "edit": e} for p, e in zip(prompts, editor.route(list(prompts)))], as_json)
 
 
 @cli.command("list")
 @click.option("--status", type=click.Choice(["active", "superseded", "rolled_back"]))
-@click.option("--limit", type=int, default=None, help="Show at most this many edits.")
+@click.option("--limit", type=click.IntRange(min=0), default=None, help="Show at most this many edits.")
 @json_option
 @click.pass_context
 def list_(ctx, status, limit, as_json):
@@ -239,11 +286,24 @@ def stats(ctx, as_json):
 
 @cli.command()
 @click.option("--repair", is_flag=True, help="Rebuild derived data; corrupt edits are rolled back, never deleted.")
+@click.option("--with-model", is_flag=True, help="Also check that the registry was made for --model (loads it).")
 @json_option
 @click.pass_context
-def verify(ctx, repair, as_json):
+def verify(ctx, repair, with_model, as_json):
     """Check every edit's key, adapter and checksums, and that the index matches the store."""
-    report = open_registry(ctx, readonly=not repair).verify(repair=repair)
+    registry = open_registry(ctx, readonly=not repair)
+    model_fingerprint = None
+    if with_model:
+        from .fingerprint import fingerprint
+        from .models import load_model
+
+        model, _ = load_model(ctx.obj["model"])
+        names = [spec.name for spec in registry.config.layers]
+        try:
+            model_fingerprint = fingerprint(model, names)
+        except (AttributeError, TypeError) as e:  # the model lacks the registry's layers altogether
+            raise click.ClickException(f"the model has no edited layer {names}: {e}") from None
+    report = registry.verify(repair=repair, fingerprint=model_fingerprint)
     emit(asdict(report), as_json)
     if not report.ok and not repair:
         sys.exit(1)
@@ -279,6 +339,53 @@ def demo(ctx, as_json):
     result = run_demo(ctx.obj["model"], echo=None if as_json else click.echo)
     if as_json:
         click.echo(json.dumps(result, indent=2))
+
+
+@cli.command()
+@click.option("--facts", "n_facts", type=int, default=200, show_default=True, help="Calibration facts to draw.")
+@click.option("--seed", type=int, default=1, show_default=True, help="Fact-set seed (eval uses 0 by default).")
+@click.option("--max-false-route", type=float, default=0.01, show_default=True,
+              help="Largest share of neighbour/unrelated prompts allowed to route to an edit.")
+@click.option("--dry-run", is_flag=True, help="Report the threshold without storing it.")
+@json_option
+@click.pass_context
+def calibrate(ctx, n_facts, seed, max_false_route, dry_run, as_json):
+    """Pick the routing threshold from real facts (keys only, no training) and store it in the registry."""
+    from .calibrate import calibrate as run_calibration
+    from .facts import counterfacts
+
+    result = run_calibration(open_editor(ctx), counterfacts(n_facts, seed=seed), max_false_route, apply=not dry_run)
+    say(as_json, result, f"threshold {result['threshold']:.4f} (was {result['previous_threshold']}): "
+        f"{result['paraphrase_recall']:.1%} of paraphrases route to their edit, "
+        f"{result['false_route_rate']:.1%} of neighbour/unrelated prompts route to one"
+        + (" [dry run: not stored]" if dry_run else ""))
+
+
+@cli.command("eval")
+@click.option("--edits", "n_edits", type=int, default=100, show_default=True, help="Sequential edits to make.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--key-source", type=click.Choice(["encoder", "layer"]), default=EditConfig.key_source, show_default=True)
+@click.option("--threshold", type=float, default=None, help="Routing threshold (default: the key source's).")
+@click.option("--layers", help="Comma-separated module names to edit.")
+@click.option("--output", type=click.Path(dir_okay=False), help="Also write the full report (JSON) here.")
+@json_option
+@click.pass_context
+def eval_(ctx, n_edits, seed, key_source, threshold, layers, output, as_json):
+    """Measure edit quality: N sequential counterfactual edits in a temporary registry (--registry unused)."""
+    import tempfile
+
+    from .evaluate import evaluate_sola
+    from .facts import counterfacts
+    from .models import load_model
+
+    config = EditConfig(key_source=key_source, layers=layers.split(",") if layers else None, threshold=threshold)
+    model, tokenizer = load_model(ctx.obj["model"], device=ctx.obj["device"] or "cpu")
+    facts = counterfacts(n_edits, seed=seed)
+    with tempfile.TemporaryDirectory() as tmp, click.progressbar(length=n_edits, label="editing", file=sys.stderr) as bar:
+        report = evaluate_sola(model, tokenizer, facts, f"{tmp}/registry", config=config, seed=seed, progress=bar.update)
+    if output:
+        Path(output).write_text(json.dumps({"metrics": report.metrics, "edits": report.edits}, indent=2))
+    click.echo(json.dumps(report.metrics, indent=2) if as_json else report.markdown())
 
 
 def main() -> None:

@@ -4,6 +4,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 METRICS = ("cosine", "l2")
+# Cosine-distance thresholds per key source, from `sola calibrate` on SmolLM2 (README, "Edit quality").
+# layer: the paper's alpha; neighbours' in-layer keys sit only a few hundredths away, so it must stay tight.
+DEFAULT_THRESHOLDS = {"layer": 0.01, "encoder": 0.15}
 
 
 @dataclass
@@ -16,8 +19,9 @@ class EditConfig:
     rank: int = field(default=4, metadata={"help": "LoRA rank of every edit (the paper's ablation found 4 best)"})
     alpha: float = field(default=4.0, metadata={"help": "LoRA scaling numerator: delta = (alpha / rank) * B A x"})
     metric: str = field(default="cosine", metadata={"help": "key distance: cosine (1 - cos) or l2 (Euclidean)"})
-    threshold: float = field(
-        default=0.01, metadata={"help": "an input routes to its nearest edit only within this key distance (paper: 0.01)"}
+    threshold: float | None = field(
+        default=None, metadata={"help": "an input routes to its nearest edit only within this key distance; "
+                                        "None takes the key source's measured default (DEFAULT_THRESHOLDS)"}
     )
     key_source: str = field(default="layer", metadata={"help": "where routing keys come from (see sola_core.keys)"})
 
@@ -26,6 +30,8 @@ class EditConfig:
             raise ValueError(f"rank must be >= 1, got {self.rank}")
         if self.metric not in METRICS:
             raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
+        if self.threshold is None:
+            self.threshold = DEFAULT_THRESHOLDS.get(self.key_source, 0.01)
         if not self.threshold >= 0:
             raise ValueError(f"threshold must be >= 0, got {self.threshold}")
         if self.layers is not None and not self.layers:
@@ -39,7 +45,8 @@ class TrainConfig:
     lr: float = field(default=1e-2, metadata={"help": "Adam learning rate"})
     max_steps: int = field(default=60, metadata={"help": "give up after this many optimizer steps"})
     margin: float = field(
-        default=2.0, metadata={"help": "stop once every target token beats the runner-up logit by this much"}
+        default=5.0, metadata={"help": "stop once every target token beats the runner-up logit by this much "
+                                       "(a wide margin carries the edit over to reworded prompts)"}
     )
     seed: int = field(default=0, metadata={"help": "seed for the adapter's initial A matrix"})
 

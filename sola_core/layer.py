@@ -61,7 +61,7 @@ class SolaLayer(nn.Module):
         s = self.state
         if s.forced is not None:  # training one edit: its adapter on every row
             A, B = s.forced[self.index]  # (r, in), (out, r)
-            return out + s.scaling * (x @ A.T @ B.T)
+            return out + s.scaling * (x @ A.to(x.dtype).T @ B.to(x.dtype).T)
         if self.router is not None and s.decide:
             self.router(x)
         if s.rows is None or s.rows.numel() == 0:

@@ -57,7 +57,8 @@ def load_model(name_or_path: str | None = None, device: str = "cpu"):
         raise ModelLoadError(f"no model directory at {name} (give a local transformers model dir or '{DEFAULT_MODEL}')")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)  # never pickle
+        model = model.to(device).eval()
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load a causal LM from {path}: {e}") from e
     prepare_tokenizer(tokenizer)

@@ -31,39 +31,41 @@ def target_margin(logits: torch.Tensor, targets: torch.Tensor) -> float:
     return (picked - others).min().item()
 
 
-def train_adapter(model: nn.Module, state: RoutingState, shapes: list[tuple[int, int]], input_ids: torch.Tensor,
-                  n_target: int, rank: int, alpha: float, cfg: TrainConfig) -> tuple[dict[str, torch.Tensor], dict]:
-    """Fit a fresh adapter so that `input_ids` (1, T) — prompt then n_target target tokens — is predicted.
+def fit(model: nn.Module, input_ids: torch.Tensor, n_target: int, params: list[torch.Tensor],
+        cfg: TrainConfig) -> dict:
+    """Adam on `params` until `input_ids` (1, T) — prompt then n_target target tokens — is predicted.
 
     Teacher-forced argmax equal to the target at every target position means greedy generation produces
     exactly the target, so training stops as soon as that holds with `cfg.margin` to spare.
     """
-    device = input_ids.device
-    params = new_adapter(shapes, rank, cfg.seed, device)
-    flat = [p for pair in params for p in pair]
-    opt = torch.optim.Adam(flat, lr=cfg.lr)
+    opt = torch.optim.Adam(params, lr=cfg.lr)
     targets = input_ids[0, -n_target:]  # (n,)
-    state.scaling = alpha / rank
-    start, steps, loss, margin = time.perf_counter(), 0, float("nan"), float("-inf")
+    start, steps = time.perf_counter(), 0
+    while True:
+        logits = model(input_ids=input_ids).logits[0, -n_target - 1:-1].float()  # (n, vocab)
+        margin = target_margin(logits.detach(), targets)
+        loss = F.cross_entropy(logits, targets)
+        if margin >= cfg.margin or steps >= cfg.max_steps:
+            break
+        opt.zero_grad()
+        loss.backward(inputs=params)  # gradients for the trained tensors only; base weights get no .grad
+        opt.step()
+        steps += 1
+    return {"steps": steps, "loss": loss.item(), "margin": margin, "converged": margin > 0,
+            "seconds": round(time.perf_counter() - start, 4)}
+
+
+def train_adapter(model: nn.Module, state: RoutingState, shapes: list[tuple[int, int]], input_ids: torch.Tensor,
+                  n_target: int, rank: int, alpha: float, cfg: TrainConfig) -> tuple[dict[str, torch.Tensor], dict]:
+    """A fresh adapter, forced on while it trains (only it: earlier edits are not routed), then frozen."""
+    params = new_adapter(shapes, rank, cfg.seed, input_ids.device)
+    state.scaling, state.forced = alpha / rank, params
     try:
-        while True:
-            state.forced = [(A.to(model.dtype), B.to(model.dtype)) for A, B in params]
-            logits = model(input_ids=input_ids).logits[0, -n_target - 1:-1].float()  # (n, vocab)
-            margin = target_margin(logits.detach(), targets)
-            loss_t = F.cross_entropy(logits, targets)
-            loss = loss_t.item()
-            if margin >= cfg.margin or steps >= cfg.max_steps:
-                break
-            opt.zero_grad()
-            loss_t.backward(inputs=flat)  # gradients for the adapter only; base weights get no .grad
-            opt.step()
-            steps += 1
+        info = fit(model, input_ids, n_target, [p for pair in params for p in pair], cfg)
     finally:
         state.forced = None
     adapter = {}
     for i, (A, B) in enumerate(params):
         adapter[f"{i}.A"] = A.detach().float().cpu().contiguous()
         adapter[f"{i}.B"] = B.detach().float().cpu().contiguous()
-    info = {"steps": steps, "loss": loss, "margin": margin, "converged": margin > 0,
-            "seconds": round(time.perf_counter() - start, 4)}
     return adapter, info

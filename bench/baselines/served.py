@@ -1,0 +1,28 @@
+"""What every baseline shares: greedy generation and next-token logits of a patched model."""
+from __future__ import annotations
+
+import torch
+
+from sola_core.editor import encode, greedy, next_token_logits
+
+
+class Served:
+    """A model patched by a baseline, tokenized and decoded exactly like SolaEditor's."""
+
+    def __init__(self, model, tokenizer) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.device = next(model.parameters()).device
+
+    def encode(self, prompts: list[str]) -> dict:
+        return encode(self.model, self.tokenizer, prompts, self.device)
+
+    def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
+        return greedy(self.model, self.tokenizer, self.encode(prompts), max_new_tokens)
+
+    def logits(self, prompts: list[str]) -> torch.Tensor:
+        return next_token_logits(self.model, self.encode(prompts))
+
+    def sequence(self, prompt: str, target: str) -> tuple[torch.Tensor, int]:
+        """(1, P + n) prompt-then-target ids, and n."""
+        target_ids = self.tokenizer(target, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        return torch.cat([self.encode([prompt])["input_ids"], target_ids.to(self.device)], 1), target_ids.shape[1]

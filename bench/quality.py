@@ -1,0 +1,73 @@
+"""Edit quality side by side: SoLA (encoder key, layer key) vs sequential LoRA vs GRACE on the same facts.
+
+    python bench/quality.py --edits 1000            # writes bench/results/quality.json and quality.md
+
+Every method edits the same layer of the same model (SmolLM2-135M-Instruct by default) with the same facts in
+the same order, and is measured by the same harness (sola_core/evaluate.py).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.baselines.grace import Grace  # noqa: E402
+from bench.baselines.lora_seq import SequentialLoRA  # noqa: E402
+from sola_core.config import EditConfig  # noqa: E402
+from sola_core.evaluate import evaluate, evaluate_sola  # noqa: E402
+from sola_core.facts import counterfacts  # noqa: E402
+from sola_core.models import default_layers, load_model  # noqa: E402
+
+METHODS = ["sola-encoder", "sola-layer", "lora-seq", "grace"]
+OUT = Path(__file__).resolve().parent / "results"
+
+
+def run(method: str, n: int, seed: int, model_name: str | None) -> dict:
+    model, tokenizer = load_model(model_name)
+    facts = counterfacts(n, seed=seed)
+    layer = default_layers(model)[0]
+    bar = tqdm(total=n, desc=method, file=sys.stderr)
+    count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    if method.startswith("sola"):
+        with tempfile.TemporaryDirectory() as tmp:
+            config = EditConfig(key_source=method.split("-")[1], layers=[layer])
+            report = evaluate_sola(model, tokenizer, facts, f"{tmp}/r", config=config, seed=seed, progress=bar.update)
+    else:
+        peer = SequentialLoRA(model, tokenizer, layer) if method == "lora-seq" else Grace(model, tokenizer, layer)
+        report = evaluate(peer, facts, target_tokens=count, seed=seed, rollback=peer.rollback, progress=bar.update,
+                          stats=lambda: {"trainable_params_per_edit": peer.trainable})
+    bar.close()
+    return report.metrics
+
+
+def table(results: dict[str, dict]) -> str:
+    keys = [k for k in next(iter(results.values())) if not isinstance(next(iter(results.values()))[k], (list, str))]
+    rows = [f"| metric | {' | '.join(results)} |", "|---" * (len(results) + 1) + "|"]
+    for k in keys:
+        cells = [results[m].get(k, "n/a") for m in results]
+        rows.append(f"| {k} | " + " | ".join(f"{c:.3f}" if isinstance(c, float) else str(c) for c in cells) + " |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--edits", type=int, default=1000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--out", default=str(OUT / "quality"))
+    args = ap.parse_args()
+    results = {m: run(m, args.edits, args.seed, args.model) for m in args.methods.split(",")}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out + ".json").write_text(json.dumps({"edits": args.edits, "seed": args.seed, "results": results}, indent=2))
+    Path(args.out + ".md").write_text(table(results) + "\n")
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()

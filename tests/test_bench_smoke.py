@@ -1,0 +1,37 @@
+"""Every bench script's --quick mode runs end to end and writes its JSON and PNG, so the scripts cannot rot.
+
+One subprocess runs them all (the imports of torch and transformers are paid once); no timing is checked.
+"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+SCRIPTS = ["routing", "registry_ops", "adapter_cache", "forward", "peft_peer"]
+RUNNER = """
+import runpy, sys
+bench, out, names = sys.argv[1], sys.argv[2], sys.argv[3:]
+sys.path.insert(0, bench)
+for name in names:
+    sys.argv = [f"{bench}/{name}.py", "--quick", "--threads", "1", "--out", out]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_quick_runs_write_results(tmp_path):
+    if importlib.util.find_spec("matplotlib") is None:
+        pytest.skip("the bench extra is not installed: pip install -e '.[bench]'")
+    scripts = [s for s in SCRIPTS if s != "peft_peer" or importlib.util.find_spec("peft")]
+    env = {**os.environ, "TMPDIR": str(tmp_path)}  # temporary registries land in pytest's folder
+    proc = subprocess.run([sys.executable, "-c", RUNNER, str(BENCH), str(tmp_path), *scripts],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for name in scripts:
+        data = json.loads((tmp_path / f"{name}.json").read_text())
+        assert data["machine"]["nproc"] >= 1
+        assert (tmp_path / f"{name}.png").stat().st_size > 0
