@@ -1,7 +1,7 @@
 """Settings for editing. `EditConfig` is persisted in the registry at creation; the others are runtime only."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 METRICS = ("cosine", "l2")
 # Cosine-distance thresholds per key source, from `sola calibrate` on SmolLM2 (README, "Edit quality").
@@ -68,7 +68,3 @@ class RuntimeConfig:
             raise ValueError(f"backend must be faiss or torch, got {self.backend!r}")
         if self.cache_slots < 1:
             raise ValueError(f"cache_slots must be >= 1, got {self.cache_slots}")
-
-
-def to_dict(cfg: object) -> dict:
-    return asdict(cfg)  # type: ignore[arg-type]

@@ -139,3 +139,21 @@ def test_real_subprocess(tmp_path, model_dir):
     assert [r["id"] for r in json.loads(listed)] == [eid]
     bad = subprocess.run([*sola, "show", "12345"], env=env, capture_output=True, text=True)
     assert bad.returncode == 1 and bad.stderr.strip() == "Error: no edit with id 12345"
+
+
+def test_eval_reports_every_metric(run):
+    metrics = json.loads(run("eval", "--edits", "4", "--key-source", "layer", "--threshold", "0.0001", "--json").stdout)
+    assert metrics["edits"] == 4 and metrics["key_source"] == "layer"
+    for name in ("edit_success", "retention", "generalization", "locality", "neighbourhood_locality",
+                 "rollback_fidelity", "edit_seconds_median", "adapter_bytes_per_edit"):
+        assert 0 <= metrics[name] <= 1 or name in ("edit_seconds_median", "adapter_bytes_per_edit")
+    assert metrics["rollback_fidelity"] == 1.0 and metrics["locality"] == 1.0
+
+
+def test_calibrate_dry_run_leaves_the_threshold(run):
+    init(run)
+    result = json.loads(run("calibrate", "--facts", "6", "--dry-run", "--json").stdout)
+    assert result["previous_threshold"] == 0.0001 and result["paraphrases"] == 18
+    assert json.loads(run("stats", "--json").stdout)["threshold"] == 0.0001
+    stored = json.loads(run("calibrate", "--facts", "6", "--json").stdout)["threshold"]
+    assert json.loads(run("stats", "--json").stdout)["threshold"] == stored
