@@ -86,10 +86,11 @@ def greedy(model: nn.Module, tokenizer, enc: dict, max_new_tokens: int, **kwargs
 class SolaEditor:
     """One model, patched in place, serving and editing one registry."""
 
-    def __init__(self, registry: EditRegistry, model: nn.Module, tokenizer, runtime: RuntimeConfig) -> None:
+    def __init__(self, registry: EditRegistry, model: nn.Module, tokenizer, runtime: RuntimeConfig,
+                 keys: KeySource) -> None:
         self.registry, self.model, self.tokenizer = registry, model, tokenizer
         cfg = registry.config
-        self.keys: KeySource = key_source(cfg.key_source, tokenizer)
+        self.keys = keys
         self.device = torch.device(runtime.device or next(model.parameters()).device)
         self.cache = AdapterCache(cfg.layers, cfg.rank, runtime.cache_slots, loader=registry.adapters,
                                   device=self.device, dtype=next(model.parameters()).dtype)
@@ -115,10 +116,13 @@ class SolaEditor:
             if problem:
                 registry.close()
                 raise ConfigMismatch(f"registry at {path} belongs to another model: {problem}")
+            keys = key_source(registry.config.key_source, tokenizer)
         else:
-            registry = EditRegistry.create(path, registry_config(model, config or EditConfig(), tokenizer),
+            config = config or EditConfig()
+            keys = key_source(config.key_source, tokenizer)  # built once: the encoder source loads a model
+            registry = EditRegistry.create(path, registry_config(model, config, keys),
                                            backend=runtime.backend, device=device)
-        return cls(registry, model, tokenizer, runtime)
+        return cls(registry, model, tokenizer, runtime, keys)
 
     # -- injection -------------------------------------------------------------------------------
     def _inject(self) -> None:
@@ -279,7 +283,7 @@ def check_edit(model: nn.Module, tokenizer, prompt: str, target: str) -> None:
         raise ValidationError(f"prompt and target are {n} tokens; the model's context is {limit}")
 
 
-def registry_config(model: nn.Module, config: EditConfig, tokenizer=None) -> RegistryConfig:
+def registry_config(model: nn.Module, config: EditConfig, keys: KeySource) -> RegistryConfig:
     """The persisted settings of a new registry for `model`: layers in forward order, shapes, fingerprint."""
     names = config.layers or default_layers(model)
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
@@ -288,7 +292,6 @@ def registry_config(model: nn.Module, config: EditConfig, tokenizer=None) -> Reg
         raise ValidationError(f"the model has no module named {missing[0]!r}")
     names = sorted(names, key=order.__getitem__)
     specs = [LayerSpec(n, *linear_shape(model.get_submodule(n))) for n in names]
-    keys = key_source(config.key_source, tokenizer)
     return RegistryConfig(key_dim=keys.dim(specs[0].in_features), layers=specs, rank=config.rank,
                           alpha=config.alpha, metric=config.metric, threshold=config.threshold,
                           key_source=keys.name, fingerprint=fingerprint(model, names))
