@@ -2,6 +2,9 @@
 
     python bench/quality.py --edits 1000            # writes bench/results/quality.json and quality.md
 
+Methods run one after another and each is saved as it finishes; rerunning with `--methods` for the same
+`--edits` and `--seed` adds to (or replaces columns of) the saved table.
+
 Every method edits the same layer of the same model (SmolLM2-135M-Instruct by default) with the same facts in
 the same order, and is measured by the same harness (sola_core/evaluate.py).
 """
@@ -62,10 +65,15 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--out", default=str(OUT / "quality"))
     args = ap.parse_args()
-    results = {m: run(m, args.edits, args.seed, args.model) for m in args.methods.split(",")}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out + ".json").write_text(json.dumps({"edits": args.edits, "seed": args.seed, "results": results}, indent=2))
-    Path(args.out + ".md").write_text(table(results) + "\n")
+    out = Path(args.out + ".json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    saved = json.loads(out.read_text()) if out.exists() else {}
+    same_run = saved.get("edits") == args.edits and saved.get("seed") == args.seed
+    results = saved.get("results", {}) if same_run else {}
+    for method in args.methods.split(","):  # saved after each method: a long run keeps what it finished
+        results[method] = run(method, args.edits, args.seed, args.model)
+        out.write_text(json.dumps({"edits": args.edits, "seed": args.seed, "results": results}, indent=2))
+        Path(args.out + ".md").write_text(table(results) + "\n")
     print(table(results))
 
 

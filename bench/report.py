@@ -140,9 +140,10 @@ def headline(out: Path) -> str:
         for t in ops["targets"]:
             if "target" in t:
                 rows.append([t["what"], f"{t['measured']:.3g}", f"<= {t['target']}", "met" if t["met"] else "MISSED"])
-        ref = next((r for r in ops["results"]["smollm2"] if r["n"] == 100_000), None)
-        if ref:
-            rows.append(["disk / raw (adapter + key) bytes at 100k", f"{ref['disk_over_adapter_and_key']:.3g}", "", ""])
+        for name in ("smollm2", "smollm2-layer-key"):
+            ref = next((r for r in ops["results"].get(name, []) if r["n"] == 100_000), None)
+            if ref:
+                rows.append([f"disk / raw (adapter + key) bytes at 100k, {name}", f"{ref['disk_over_adapter_and_key']:.3g}", "", ""])
         big = ops["results"]["small"][-1]
         rows.append([f"rollback / cold open at {n_str(big['n'])} edits (smaller edit shape)",
                      f"{ms(big['rollback']['p50_ms'])} ms / {big['open']['p50_ms'] / 1e3:.1f} s", "", ""])

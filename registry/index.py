@@ -89,6 +89,33 @@ class KeyIndex:
         self._rows: dict[int, int] = {}
         self._n = 0
 
+    @classmethod
+    def from_matrix(cls, ids: Any, keys: np.ndarray, metric: str = "cosine", backend: str = "faiss",
+                    device: str | torch.device = "cpu", key_dtype: str = "float32") -> KeyIndex:
+        """An index over ``keys[:len(ids)]``, taking ownership of ``keys`` (float32, C-contiguous, finite).
+
+        Rows of ``keys`` past ``len(ids)`` are spare capacity. On the CPU the matrix itself becomes the
+        index (normalised in place): building an index over 100k keys then copies nothing.
+        """
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        n, capacity = len(ids), len(keys)
+        if keys.dtype != np.float32 or not keys.flags.c_contiguous or keys.ndim != 2 or capacity < max(n, 1):
+            raise ValidationError("from_matrix needs a C-contiguous float32 (capacity >= len(ids), dim) matrix")
+        index = cls(keys.shape[1], metric, backend, device, capacity=1, key_dtype=key_dtype)
+        if metric == "cosine":
+            used = keys[:n]
+            used /= np.maximum(np.sqrt(np.einsum("ij,ij->i", used, used)), 1e-12)[:, None]
+        if index._on_torch or index._half:
+            index._reserve(capacity)
+            index._n = 0
+            index.add(ids, keys[:n])
+        else:
+            index._keys, index._ids = keys, np.empty(capacity, dtype=np.int64)
+            index._ids[:n] = ids
+            index._rows = dict(zip(ids.tolist(), range(n)))
+            index._n = n
+        return index
+
     def _alloc(self, capacity: int) -> np.ndarray | torch.Tensor:
         if self._on_torch:
             return torch.empty(capacity, self.dim, dtype=KEY_DTYPES[self.key_dtype], device=self.device)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from . import bundle, verify
-from .codec import LIBRARY_VERSION, SCHEMA_VERSION, adapter_nbytes, decode_adapter, decode_json, decode_key
+from .codec import KEY_DTYPE, LIBRARY_VERSION, SCHEMA_VERSION, adapter_nbytes, decode_adapter, decode_json, decode_key
 from .errors import CorruptEdit, EditNotFound, ReadOnlyError, RegistryError, SchemaError, ValidationError
 from .index import KeyIndex
 from .store import MAX_MAP_SIZE, Store, Txn
@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Listener = Callable[[dict], None]
 _CHUNK = 1000  # records per short read transaction when streaming
-_KEY_CHUNK = 65536  # keys per step when building the index
 
 
 class EditRegistry:
@@ -38,9 +37,10 @@ class EditRegistry:
     Use :meth:`create` or :meth:`open`; the instance is a context manager.
     """
 
-    def __init__(self, store: Store, config: RegistryConfig, *, backend: str, device: str | torch.device):
+    def __init__(self, store: Store, config: RegistryConfig, *, backend: str, device: str | torch.device,
+                 key_dtype: str = "float32"):
         self._store, self._config = store, config
-        self._backend, self._device = backend, device
+        self._backend, self._device, self._key_dtype = backend, device, key_dtype
         self._index: KeyIndex | None = None
         self._listeners: list[Listener] = []
         self._seen = self.generation
@@ -48,8 +48,13 @@ class EditRegistry:
     # --- opening -------------------------------------------------------------------------
     @classmethod
     def create(cls, path: str | os.PathLike, config: RegistryConfig, *, backend: str = "faiss",
-               device: str | torch.device = "cpu", max_map_size: int = MAX_MAP_SIZE) -> EditRegistry:
-        """Make a new registry in ``path`` (a new or empty directory); it may grow to ``max_map_size`` bytes."""
+               device: str | torch.device = "cpu", key_dtype: str = "float32",
+               max_map_size: int = MAX_MAP_SIZE) -> EditRegistry:
+        """Make a new registry in ``path`` (a new or empty directory); it may grow to ``max_map_size`` bytes.
+
+        ``backend``, ``device`` and ``key_dtype`` say how this process searches the keys (see ``KeyIndex``);
+        they are not stored.
+        """
         path = os.fspath(path)
         if os.path.isfile(path):
             raise SchemaError(f"{path} is a file, not a registry directory")
@@ -63,11 +68,12 @@ class EditRegistry:
         except BaseException:
             store.close()
             raise
-        return cls(store, config, backend=backend, device=device)
+        return cls(store, config, backend=backend, device=device, key_dtype=key_dtype)
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, readonly: bool = False, backend: str = "faiss",
-             device: str | torch.device = "cpu", max_map_size: int = MAX_MAP_SIZE) -> EditRegistry:
+             device: str | torch.device = "cpu", key_dtype: str = "float32",
+             max_map_size: int = MAX_MAP_SIZE) -> EditRegistry:
         """Open an existing registry; ``readonly`` refuses every write (and works on a read-only filesystem)."""
         path = os.fspath(path)
         if os.path.isfile(path):
@@ -83,7 +89,7 @@ class EditRegistry:
         except BaseException:
             store.close()
             raise
-        return cls(store, config, backend=backend, device=device)
+        return cls(store, config, backend=backend, device=device, key_dtype=key_dtype)
 
     @staticmethod
     def exists(path: str | os.PathLike) -> bool:
@@ -198,19 +204,15 @@ class EditRegistry:
 
     def _build_index(self) -> KeyIndex:
         """All active keys from one read transaction, in chunks (derived data, never stored)."""
-        dim = self._config.key_dim
-        with self._store.read() as txn:
-            index = KeyIndex(dim, self._config.metric, self._backend, self._device,
-                             capacity=max(1024, txn.entries("active")))
-            active = txn.ids("active")
-            while ids := list(islice(active, _KEY_CHUNK)):
-                index.add(*_read_keys(txn, ids, dim))
-        return index
+        with self._store.read(buffers=True) as txn:
+            ids = list(txn.ids("active"))
+            ids, keys = _read_keys(txn, ids, self._config.key_dim, spare=max(16, len(ids) // 8))
+        return KeyIndex.from_matrix(ids, keys, self._config.metric, self._backend, self._device, self._key_dtype)
 
     # --- writing -------------------------------------------------------------------------
     def add(self, prompt: str, target: str, key: Any, adapter: dict[str, torch.Tensor],
             info: dict | None = None) -> int:
-        """Store one edit; the nearest active edit within the threshold becomes superseded by it."""
+        """Store one edit; the nearest active edit within ``config.supersede_distance`` becomes superseded by it."""
         self._check_writable()
         edit = NewEdit.encode(self._config, prompt, target, key, adapter, info)
         return self._write("add", lambda tx: tx.insert(edit), needs_index=True)
@@ -405,23 +407,31 @@ def _record(txn: Txn, edit_id: int) -> Record:
     return Record.from_dict(decode_json(data))
 
 
-def _read_keys(txn: Txn, ids: list[int], dim: int) -> tuple[list[int], np.ndarray]:
-    """The ids whose keys are readable and those keys as an (n, dim) matrix.
+def _read_keys(txn: Txn, ids: list[int], dim: int, spare: int = 0) -> tuple[list[int], np.ndarray]:
+    """The ids whose keys are readable and those keys as the first rows of an (n + spare, dim) matrix.
 
-    A missing, short or non-finite key is left out with a warning naming its edit: one corrupt
-    edit must not stop the others from being served (``verify`` reports it, ``--repair`` rolls it back).
+    Each key is copied once, straight from the store into the matrix. A missing, short or non-finite
+    key is left out with a warning naming its edit: one corrupt edit must not stop the others from
+    being served (``verify`` reports it, ``--repair`` rolls it back).
     """
-    blobs = [txn.get("keys", i) for i in ids]
-    if any(blob is None or len(blob) != dim * 4 for blob in blobs):
-        good = [(i, blob) for i, blob in zip(ids, blobs) if _readable_key(blob, dim, i)]
-        ids, blobs = [i for i, _ in good], [blob for _, blob in good]
-    keys = np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(ids), dim)
-    finite = np.isfinite(keys).all(axis=1)
-    if not finite.all():
-        for i in np.asarray(ids)[~finite].tolist():
-            log.warning("edit %d is not served: its key contains NaN or infinite values", i)
-        ids, keys = np.asarray(ids)[finite].tolist(), keys[finite]
-    return ids, keys
+    keys = np.empty((len(ids) + spare, dim), dtype=np.float32)
+    nbytes = dim * KEY_DTYPE.itemsize
+    good = np.ones(len(ids), dtype=bool)
+    for row, edit_id in enumerate(ids):
+        blob = txn.get("keys", edit_id)
+        if blob is not None and len(blob) == nbytes:
+            keys[row] = np.frombuffer(blob, dtype=KEY_DTYPE)
+        else:
+            good[row] = _readable_key(None if blob is None else bytes(blob), dim, edit_id)
+    finite = np.isfinite(keys[:len(ids)]).all(axis=1)
+    for row in np.flatnonzero(good & ~finite).tolist():
+        log.warning("edit %d is not served: its key contains NaN or infinite values", ids[row])
+    good &= finite
+    if good.all():
+        return ids, keys
+    kept = np.flatnonzero(good)
+    keys[:len(kept)] = keys[kept]
+    return np.asarray(ids)[kept].tolist(), keys
 
 
 def _readable_key(blob: bytes | None, dim: int, edit_id: int) -> bool:

@@ -36,11 +36,14 @@ class Txn:
         self._txn = txn
         self._dbs = dbs
 
-    def get(self, db: str, key: int | str) -> bytes | None:
+    def get(self, db: str, key: int | str) -> bytes | memoryview | None:
         return self._txn.get(_encode(key), db=self._dbs[db])
 
     def put(self, db: str, key: int | str, value: bytes) -> None:
-        self._txn.put(_encode(key), value, db=self._dbs[db])
+        # A new id is the highest: appending fills leaf pages instead of splitting them in half, which
+        # halves the pages of small values (keys, records). LMDB refuses (False) an append out of order.
+        if not (isinstance(key, int) and self._txn.put(_encode(key), value, db=self._dbs[db], append=True)):
+            self._txn.put(_encode(key), value, db=self._dbs[db])
 
     def delete(self, db: str, key: int | str) -> None:
         self._txn.delete(_encode(key), db=self._dbs[db])
@@ -148,19 +151,23 @@ class Store:
             raise RegistryError(f"registry at {self.path} is closed")
         return self._shared.env
 
-    def _begin(self, write: bool) -> lmdb.Transaction:
+    def _begin(self, write: bool, buffers: bool = False) -> lmdb.Transaction:
         try:
-            return self.env.begin(write=write)
+            return self.env.begin(write=write, buffers=buffers)
         except lmdb.MapResizedError:
             # Another process grew the map: adopt its size, then start again.
             self.env.set_mapsize(0)
-            return self.env.begin(write=write)
+            return self.env.begin(write=write, buffers=buffers)
 
     @contextlib.contextmanager
-    def read(self) -> Iterator[Txn]:
-        """A short read transaction; copy what you need out of it before it ends."""
+    def read(self, buffers: bool = False) -> Iterator[Txn]:
+        """A short read transaction; copy what you need out of it before it ends.
+
+        With ``buffers=True`` values are memoryviews straight onto the map (no copy), valid only
+        inside the transaction: for bulk reads that copy into one array anyway.
+        """
         try:
-            with self._begin(write=False) as txn:
+            with self._begin(write=False, buffers=buffers) as txn:
                 yield Txn(txn, self._shared.dbs)
         except lmdb.Error as exc:
             raise RegistryError(f"cannot read the registry at {self.path}: {exc}") from None

@@ -123,7 +123,7 @@ class Transaction:
 
     # --- conflicts -----------------------------------------------------------------------
     def _conflict(self, key: np.ndarray, hint: tuple[float, int] | None = None) -> int | None:
-        """The nearest active edit within the threshold, counting this transaction's changes.
+        """The nearest active edit within the supersede distance, counting this transaction's changes.
 
         ``hint`` is a precomputed (distance, id) from the committed index (batched search).
         """
@@ -135,7 +135,7 @@ class Transaction:
         pending_dist, pending_found = _first(self._pending.search(key[None], 1))
         if pending_dist < dist:
             dist, found = pending_dist, pending_found
-        return found if found >= 0 and dist <= self.config.threshold else None
+        return found if found >= 0 and dist <= self.config.supersede_distance else None
 
     def _nearest_committed(self, key: np.ndarray) -> tuple[float, int]:
         skipped = sum(1 for active in self._final.values() if not active)
@@ -152,7 +152,7 @@ class Transaction:
 
     # --- operations ----------------------------------------------------------------------
     def insert(self, edit: NewEdit, hint: tuple[float, int] | None = None) -> int:
-        """Write a new active edit; the nearest active edit within the threshold is superseded."""
+        """Write a new active edit; the nearest active edit within the supersede distance is superseded."""
         new_id = self._next_id
         self._next_id += 1
         old_id = self._conflict(edit.key, hint)

@@ -45,6 +45,9 @@ class RegistryConfig:
     threshold: float
     key_source: str
     fingerprint: dict = field(default_factory=dict)
+    # A new edit supersedes the nearest active one only this close (None: the threshold): a loose routing
+    # threshold (a sentence-encoder key) must not let one fact replace another that merely routes nearby.
+    supersede_within: float | None = None
 
     def __post_init__(self) -> None:
         _positive_int("key_dim", self.key_dim)
@@ -59,9 +62,16 @@ class RegistryConfig:
             raise ValidationError(f"metric must be 'cosine' or 'l2', got {self.metric!r}")
         self.alpha = _finite("alpha", self.alpha, minimum=0.0, strict=True)
         self.threshold = _finite("threshold", self.threshold, minimum=0.0, strict=False)
+        if self.supersede_within is not None:
+            self.supersede_within = _finite("supersede_within", self.supersede_within, minimum=0.0, strict=False)
         if not isinstance(self.key_source, str) or not self.key_source:
             raise ValidationError(f"key_source must be a non-empty string, got {self.key_source!r}")
         _check_json("fingerprint", self.fingerprint)
+
+    @property
+    def supersede_distance(self) -> float:
+        """How close a stored key must be to a new one for the new edit to replace it (never beyond routing)."""
+        return self.threshold if self.supersede_within is None else min(self.supersede_within, self.threshold)
 
     def to_dict(self) -> dict:
         return asdict(self)

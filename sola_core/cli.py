@@ -304,8 +304,11 @@ def verify(ctx, repair, with_model, as_json):
         except (AttributeError, TypeError) as e:  # the model lacks the registry's layers altogether
             raise click.ClickException(f"the model has no edited layer {names}: {e}") from None
     report = registry.verify(repair=repair, fingerprint=model_fingerprint)
-    emit(asdict(report), as_json)
-    if not report.ok and not repair:
+    result = asdict(report)
+    if repair and not report.ok:  # what repair cannot mend (e.g. a registry of another model) still fails
+        result["remaining"] = registry.verify(fingerprint=model_fingerprint).problems
+    emit(result, as_json)
+    if result.get("remaining", report.problems):
         sys.exit(1)
 
 

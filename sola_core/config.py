@@ -23,7 +23,11 @@ class EditConfig:
         default=None, metadata={"help": "an input routes to its nearest edit only within this key distance; "
                                         "None takes the key source's measured default (DEFAULT_THRESHOLDS)"}
     )
-    key_source: str = field(default="layer", metadata={"help": "where routing keys come from (see sola_core.keys)"})
+    key_source: str = field(default="encoder", metadata={"help": "where routing keys come from (see sola_core.keys)"})
+    supersede_within: float = field(
+        default=0.01, metadata={"help": "a new edit replaces an active one only when their keys are this close "
+                                        "(the same prompt again); capped by the threshold"}
+    )
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -34,6 +38,8 @@ class EditConfig:
             self.threshold = DEFAULT_THRESHOLDS.get(self.key_source, 0.01)
         if not self.threshold >= 0:
             raise ValueError(f"threshold must be >= 0, got {self.threshold}")
+        if not self.supersede_within >= 0:
+            raise ValueError(f"supersede_within must be >= 0, got {self.supersede_within}")
         if self.layers is not None and not self.layers:
             raise ValueError("layers must name at least one module")
 
@@ -45,7 +51,7 @@ class TrainConfig:
     lr: float = field(default=1e-2, metadata={"help": "Adam learning rate"})
     max_steps: int = field(default=60, metadata={"help": "give up after this many optimizer steps"})
     margin: float = field(
-        default=5.0, metadata={"help": "stop once every target token beats the runner-up logit by this much "
+        default=8.0, metadata={"help": "stop once every target token beats the runner-up logit by this much "
                                        "(a wide margin carries the edit over to reworded prompts)"}
     )
     seed: int = field(default=0, metadata={"help": "seed for the adapter's initial A matrix"})
@@ -62,9 +68,15 @@ class RuntimeConfig:
     device: str | None = field(default=None, metadata={"help": "device of routing keys and cached adapters; None = model's"})
     backend: str = field(default="faiss", metadata={"help": "exact key search: faiss (CPU/GPU faiss) or torch"})
     cache_slots: int = field(default=1024, metadata={"help": "adapters kept resident on the device (LRU)"})
+    key_dtype: str = field(default="float32", metadata={"help": "float16 halves the bytes each search scans "
+                                                                 "(torch backend, cosine metric; still exact)"})
 
     def __post_init__(self) -> None:
         if self.backend not in ("faiss", "torch"):
             raise ValueError(f"backend must be faiss or torch, got {self.backend!r}")
+        if self.key_dtype not in ("float32", "float16"):
+            raise ValueError(f"key_dtype must be float32 or float16, got {self.key_dtype!r}")
+        if self.key_dtype == "float16" and self.backend != "torch":
+            raise ValueError("key_dtype float16 needs backend torch")
         if self.cache_slots < 1:
             raise ValueError(f"cache_slots must be >= 1, got {self.cache_slots}")

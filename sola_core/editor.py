@@ -107,21 +107,25 @@ class SolaEditor:
         runtime = runtime or RuntimeConfig()
         device = runtime.device or str(next(model.parameters()).device)
         if EditRegistry.exists(path):
-            registry = EditRegistry.open(path, readonly=readonly, backend=runtime.backend, device=device)
+            registry = EditRegistry.open(path, readonly=readonly, backend=runtime.backend, device=device,
+                                         key_dtype=runtime.key_dtype)
             names = [spec.name for spec in registry.config.layers]
             try:
                 problem = mismatch(registry.config.fingerprint, fingerprint(model, names))
             except (AttributeError, TypeError) as e:  # the model lacks the registry's layers altogether
                 problem = f"the model has no edited layer {names}: {e}"
-            if problem:
+            try:
+                if problem:
+                    raise ConfigMismatch(f"registry at {path} belongs to another model: {problem}")
+                keys = key_source(registry.config.key_source, tokenizer)
+            except Exception:
                 registry.close()
-                raise ConfigMismatch(f"registry at {path} belongs to another model: {problem}")
-            keys = key_source(registry.config.key_source, tokenizer)
+                raise
         else:
             config = config or EditConfig()
             keys = key_source(config.key_source, tokenizer)  # built once: the encoder source loads a model
             registry = EditRegistry.create(path, registry_config(model, config, keys),
-                                           backend=runtime.backend, device=device)
+                                           backend=runtime.backend, device=device, key_dtype=runtime.key_dtype)
         return cls(registry, model, tokenizer, runtime, keys)
 
     # -- injection -------------------------------------------------------------------------------
@@ -294,4 +298,5 @@ def registry_config(model: nn.Module, config: EditConfig, keys: KeySource) -> Re
     specs = [LayerSpec(n, *linear_shape(model.get_submodule(n))) for n in names]
     return RegistryConfig(key_dim=keys.dim(specs[0].in_features), layers=specs, rank=config.rank,
                           alpha=config.alpha, metric=config.metric, threshold=config.threshold,
+                          supersede_within=config.supersede_within,
                           key_source=keys.name, fingerprint=fingerprint(model, names))

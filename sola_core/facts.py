@@ -23,7 +23,7 @@ TEMPLATES = {
     "capital": ("The capital of {s} is", ["The capital city of {s} is", "{s}'s capital city is",
                                           "In {s}, the capital is"], "The capital of {s} is"),
     "currency": ("The currency of {s} is the", ["The official currency of {s} is the",
-                                                "In {s}, people pay with the", "{s}'s currency is the"],
+                                                "{s} uses the currency called the", "{s}'s currency is the"],
                  "The currency of {s} is the"),
     "continent": ("{s} is located on the continent of", ["{s} is a country on the continent of",
                                                           "The country {s} lies on the continent of",

@@ -113,6 +113,25 @@ def test_adapter_cache_on_cuda_serves_stacked_device_tensors():
     assert torch.equal(B[slots[0]].cpu(), make_adapter(config, seed=3)["0.B"])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_registry_with_fp16_keys_finds_what_float32_finds(tmp_path, device):
+    """RuntimeConfig(key_dtype="float16") reaches the registry's index: same answers, half the scanned bytes."""
+    config = make_config()
+    with EditRegistry.create(tmp_path / "r", config, backend="torch", device=device) as reg:
+        reg.add_many([{"prompt": f"p{i}", "target": "t", "key": make_key(i), "adapter": make_adapter(config)}
+                      for i in range(200)], check_conflicts=False)
+        reg.rollback(7)
+    queries = np.stack([make_key(i) for i in range(0, 200, 3)] + [make_key(999)])
+    answers = {}
+    for key_dtype in ("float32", "float16"):
+        with EditRegistry.open(tmp_path / "r", backend="torch", device=device, key_dtype=key_dtype) as reg:
+            dist, ids = reg.nearest(torch.from_numpy(queries).to(device))
+            answers[key_dtype] = (dist.cpu().numpy(), ids.cpu().numpy())
+            assert reg._index.key_dtype == key_dtype
+    np.testing.assert_array_equal(answers["float16"][1], answers["float32"][1])
+    np.testing.assert_allclose(answers["float16"][0], answers["float32"][0], atol=1e-5)
+
+
 @CUDA
 def test_registry_matches_on_cuda_queries(tmp_path):
     config = make_config()

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 import torch
-from registry_helpers import make_adapter, make_key, near
+from registry_helpers import make_adapter, make_config, make_key, near
 
 from registry import (
     AdapterCache, EditNotFound, EditRegistry, InvalidTransition, ReadOnlyError, RegistryError,
@@ -41,6 +41,20 @@ def test_new_edit_supersedes_the_nearest_within_threshold_and_rollback_brings_it
     assert reg.get(new).status == "rolled_back"
     assert reg.match(make_key(1)[None]).tolist() == [old]
     assert reg.count("active") == 2 and reg.count("rolled_back") == 1 and reg.count("superseded") == 0
+
+
+def test_a_key_that_only_routes_nearby_does_not_supersede(tmp_path):
+    """supersede_within below the threshold: two distinct facts with close keys both stay active, and
+    each key routes to its own edit (the nearest), not to whichever came last."""
+    config = make_config(threshold=0.3, supersede_within=1e-3)
+    with EditRegistry.create(tmp_path / "r", config) as reg:
+        first = add(reg, 1)
+        close = near(make_key(1), scale=0.05)  # within the threshold, beyond the supersede distance
+        second = add(reg, 2, key=close)
+        assert reg.get(first).status == reg.get(second).status == "active"
+        assert reg.match(np.stack([make_key(1), close])).tolist() == [first, second]
+        again = add(reg, 3, key=make_key(1))  # the same key again: a new version of the first fact
+        assert reg.get(first).superseded_by == again and reg.get(second).status == "active"
 
 
 def test_restore_supersedes_again(reg):

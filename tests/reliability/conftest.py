@@ -34,7 +34,7 @@ def seeded_registry(tmp_path_factory, model_dir) -> str:
     """A registry with two edits made through the CLI: 1 (France -> Lyon) active, 2 (planet) rolled back."""
     path = str(tmp_path_factory.mktemp("seeded") / "reg")
     runner = CliRunner()
-    for args in (["init", "--threshold", "0.0001"],
+    for args in (["init", "--key-source", "layer", "--threshold", "0.0001"],
                  ["edit", "--prompt", "The capital of France is", "--target", " Lyon", *TRAIN_ARGS],
                  ["edit", "--prompt", "The largest planet is", "--target", " Saturn", *TRAIN_ARGS],
                  ["rollback", "2"]):

@@ -147,8 +147,8 @@ def test_bad_bundles_are_refused_and_import_nothing(registry_copy, retrained_mod
     assert invoke("export", good, "--status", "active", registry=registry_copy).exit_code == 0
     manifest, tensors = bundle_parts(good)
     foreign = str(tmp_path / "foreign")
-    for args in (["init"], ["edit", "--prompt", FRANCE, "--target", " Lyon", "--max-steps", "2"],
-                 ["export", str(tmp_path / "foreign.safetensors")]):
+    for args in (["init", "--key-source", "layer", "--threshold", "0.0001"],
+                 ["edit", "--prompt", FRANCE, "--target", " Lyon", "--max-steps", "2"], ["export", str(tmp_path / "foreign.safetensors")]):
         assert invoke(*args, registry=foreign, model=retrained_model_dir).exit_code == 0
     nan = {**tensors, "0.0.B": torch.full_like(tensors["0.0.B"], float("nan"))}
     inf = {**tensors, "0.0.A": torch.full_like(tensors["0.0.A"], float("inf"))}

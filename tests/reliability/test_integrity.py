@@ -100,6 +100,10 @@ def test_verify_with_model_checks_the_fingerprint(registry_copy, model_dir, narr
         "meta: the model's fingerprint differs from the registry's in weights_sha256"]
     narrow = invoke("verify", "--with-model", "--json", registry=registry_copy, model=narrow_model_dir)
     assert narrow.exit_code == 1 and "hidden_size" in json.loads(narrow.stdout)["problems"][0]
+    unrepairable = invoke("verify", "--repair", "--with-model", "--json", registry=registry_copy, model=retrained_model_dir)
+    assert unrepairable.exit_code == 1  # repair cannot make a registry belong to another model
+    assert json.loads(unrepairable.stdout)["remaining"] == [
+        "meta: the model's fingerprint differs from the registry's in weights_sha256"]
 
 
 PROMPTS = ["The capital of France is", "The largest planet is", "Water boils at", "Hello, how are you today?"]
@@ -114,7 +118,7 @@ def test_a_corrupt_edit_is_never_applied_its_row_gets_the_base_output(tmp_path, 
     """Three edits; the adapter of one and the key of another rot on disk. In one batch the healthy edit
     still applies, the two damaged rows are bit-identical to the unedited model, and each is logged."""
     model, tokenizer = load_model(model_dir)
-    with SolaEditor.open(str(tmp_path / "reg"), model, tokenizer, config=EditConfig(threshold=1e-4)) as editor:
+    with SolaEditor.open(str(tmp_path / "reg"), model, tokenizer, config=EditConfig(key_source="layer", threshold=1e-4)) as editor:
         base = editor.logits(PROMPTS)
         reg = editor.registry
         ids = [reg.add(p, " x", editor.key(p), strong_adapter(reg, i)) for i, p in enumerate(PROMPTS[:3])]
@@ -138,7 +142,7 @@ def test_a_corrupt_edit_is_never_applied_its_row_gets_the_base_output(tmp_path, 
 def test_an_unreadable_key_does_not_stop_serving_the_others(tmp_path, model_dir, caplog):
     model, tokenizer = load_model(model_dir)
     path = str(tmp_path / "reg")
-    with SolaEditor.open(path, model, tokenizer, config=EditConfig(threshold=1e-4)) as editor:
+    with SolaEditor.open(path, model, tokenizer, config=EditConfig(key_source="layer", threshold=1e-4)) as editor:
         base = editor.logits(PROMPTS[:2])
         reg = editor.registry
         ids = [reg.add(p, " x", editor.key(p), strong_adapter(reg, i)) for i, p in enumerate(PROMPTS[:2])]

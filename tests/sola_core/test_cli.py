@@ -38,7 +38,7 @@ EDIT = ["edit", "--prompt", "The capital of France is", "--target", " Lyon", "--
 
 
 def init(run):
-    run("init", "--threshold", "0.0001")
+    run("init", "--key-source", "layer", "--threshold", "0.0001")
 
 
 def test_init_edit_route_list_show(run):
@@ -132,7 +132,7 @@ def test_edit_file_with_progress(run, tmp_path):
 def test_real_subprocess(tmp_path, model_dir):
     env = {**os.environ, "SOLA_REGISTRY": str(tmp_path / "reg"), "SOLA_MODEL": model_dir}
     sola = [sys.executable, "-m", "sola_core"]
-    subprocess.run([*sola, "init", "--threshold", "0.0001"], env=env, check=True, capture_output=True)
+    subprocess.run([*sola, "init", "--key-source", "layer", "--threshold", "0.0001"], env=env, check=True, capture_output=True)
     out = subprocess.run([*sola, *EDIT, "--json"], env=env, check=True, capture_output=True, text=True).stdout
     eid = json.loads(out)[0]["id"]
     listed = subprocess.run([*sola, "list", "--json"], env=env, check=True, capture_output=True, text=True).stdout

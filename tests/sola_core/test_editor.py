@@ -13,7 +13,7 @@ from sola_core import EditConfig, SolaEditor, TrainConfig
 from sola_core.layer import SolaLayer
 
 # Exact prompts give identical keys; a random model's distinct prompts sit far further apart than this.
-CONFIG = EditConfig(threshold=1e-4)
+CONFIG = EditConfig(key_source="layer", threshold=1e-4)
 TRAIN = TrainConfig(lr=5e-2, max_steps=200, margin=1.0)
 UNRELATED = ["Hello, how are you today?", "The quick brown fox", "Water boils at"]
 
