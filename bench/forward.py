@@ -1,10 +1,13 @@
 """Forward overhead: SmolLM2 served through a registry of N edits vs the unedited model, same inputs, one run.
 
-    python bench/forward.py            # N = 0, 1k, 10k, 100k; batch 1 and 16; prompt 32 tokens; +32 generated
-    python bench/forward.py --quick    # a tiny random Llama and N <= 40: seconds
+    python bench/forward.py                      # N = 0, 1k, 10k, 100k; batch 1 and 16; prompt 32 tokens; +32 generated
+    python bench/forward.py --key-source layer   # the same with the paper's in-layer key (writes forward-layer.json)
+    python bench/forward.py --quick              # a tiny random Llama and N <= 40: seconds
 
-The edited model is SmolLM2 patched by ``SolaEditor`` (layer 24's MLP down_proj, keys of 1536 floats); the
-unedited one is a deep copy taken before patching. The registry is filled with ``add_many``: random keys and
+The edited model is SmolLM2 patched by ``SolaEditor`` (layer 24's MLP down_proj) with the default key source,
+the encoder (a MiniLM pass over each prompt: 384-float keys), or with ``--key-source layer`` (the down_proj
+input at the last prompt token: 1536-float keys, no extra model); the unedited one is a deep copy taken before
+patching. The registry is filled with ``add_many``: random keys and
 adapters for N - 8 edits, plus 8 edits whose keys are the real keys of 8 of the 16 prompts, so half of each
 batch of 16 routes to an edit (batch 1 is a routed prompt: the costlier case). The two models run in turn,
 round after round, and each round's time ratio is kept; the median ratio is reported.
@@ -22,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from sola_core import SolaEditor
+from sola_core.config import EditConfig
 from sola_core.editor import with_positions
 
 # -- config ------------------------------------------------------------------------------------------
@@ -34,7 +38,9 @@ GENERATE_REPS = 5  # ... and for prompt pass + 32 greedy tokens
 TARGETS = {10_000: 1.10, 100_000: 1.25}  # time ratio at batch 16 (issue 4)
 WORKDIR = None  # registry folder's parent (None: the system temp dir); 100k edits take ~4.6 GB
 
-args = parse_args(__doc__, workdir=(str, WORKDIR, "where to create the temporary registry"))
+args = parse_args(__doc__, workdir=(str, WORKDIR, "where to create the temporary registry"),
+                  key_source=(str, EditConfig.key_source, "encoder (the default) or layer"))
+NAME = "forward" if args.key_source == EditConfig.key_source else f"forward-{args.key_source}"
 if args.quick:
     NS, FORWARD_REPS, GENERATE_REPS, NEW_TOKENS, PROMPT_TOKENS = [0, 40], 2, 1, 2, 12
 
@@ -51,7 +57,10 @@ info = machine()
 model, tok = load_model_or_tiny(args.quick)
 base = copy.deepcopy(model)  # the unedited twin: same weights, never patched
 workdir = tempfile.TemporaryDirectory(prefix="sola-bench-forward-", dir=args.workdir)
-editor = SolaEditor.open(Path(workdir.name) / "registry", model, tok)
+# A tight threshold for either key source: the bench's word-salad prompts are close to one another in a sentence
+# encoder's space, and only the planned rows may route (the threshold does not change what a forward costs).
+config = EditConfig(key_source=args.key_source, threshold=0.01)
+editor = SolaEditor.open(Path(workdir.name) / "registry", model, tok, config=config)
 prompts = prompts_of_length(tok, max(BATCHES), PROMPT_TOKENS)
 hit = list(range(0, max(BATCHES), 2))  # rows 0, 2, 4, ...: half of each batch of 16
 enc = with_positions(editor.encode(prompts))
@@ -113,10 +122,11 @@ workdir.cleanup()
 targets = [{"n": n, "batch": 16, "target": t, "measured": r["forward"]["ratio_median"],
             "met": r["forward"]["ratio_median"] <= t}
            for n, t in TARGETS.items() for r in rows if r["n"] == n and r["batch"] == 16]
-save(args.out, "forward", {"machine": info, "config": {"ns": NS, "batches": BATCHES, "prompt_tokens": PROMPT_TOKENS,
+save(args.out, NAME, {"machine": info, "config": {"ns": NS, "batches": BATCHES, "prompt_tokens": PROMPT_TOKENS,
                                                         "new_tokens": NEW_TOKENS, "forward_reps": FORWARD_REPS,
                                                         "generate_reps": GENERATE_REPS, "layer": cfg.layers[0].name,
-                                                        "key_dim": cfg.key_dim, "rank": cfg.rank},
+                                                        "key_source": cfg.key_source, "key_dim": cfg.key_dim,
+                                                        "rank": cfg.rank},
                            "rows": rows, "targets": targets})
 
 plt = pyplot()
@@ -130,9 +140,9 @@ for n, t in TARGETS.items():
     ax.plot([n], [t], "r_", markersize=20, mew=2)
 ax.axhline(1.0, color="k", lw=0.5)
 ax.set(xscale="log", xlabel="active edits N (0 plotted at 100)", ylabel="time ratio edited / unedited (median)",
-       title="SmolLM2-135M: forward overhead (red: targets at batch 16)")
+       title=f"SmolLM2-135M, {cfg.key_source} key: forward overhead (red: targets at batch 16)")
 ax.legend(fontsize=8)
-save_plot(fig, args.out, "forward")
+save_plot(fig, args.out, NAME)
 for r in rows:
     print(f"N={r['n']:>7} b={r['batch']:>2} hits={r['hits']:>2}  forward {r['forward']['base']['p50_ms']:8.1f} -> "
           f"{r['forward']['sola']['p50_ms']:8.1f} ms (x{r['forward']['ratio_median']:.3f})  generate "

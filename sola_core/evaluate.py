@@ -52,8 +52,14 @@ def starts(method: Method, prompts: list[str], targets: list[str], n_tokens: int
 
 def evaluate(method: Method, facts: list[Fact], *, target_tokens: Callable[[str], int], seed: int = 0,
              rollback: Callable[[int], object] | None = None, stats: Callable[[], dict] | None = None,
-             progress: Callable[[int], None] | None = None) -> Report:
-    """Edit `facts` one by one, then measure; `target_tokens(text)` counts a target's tokens."""
+             progress: Callable[[int], None] | None = None,
+             route: Callable[[list[str]], list[int | None]] | None = None) -> Report:
+    """Edit `facts` one by one, then measure; `target_tokens(text)` counts a target's tokens.
+
+    With `route` (which edit each prompt reaches), rollback fidelity is also split by whether a rolled-back
+    prompt still reaches another, neighbouring edit: those can differ from the unedited model by routing
+    alone, while the unrouted ones show whether rollback itself is exact.
+    """
     n_tok = max(target_tokens(f.target) for f in facts)
     neighbours = [p for f in facts for p in f.neighbours]
     probe = lambda ps: batched(lambda b: method.generate(b, PROBE_TOKENS), ps)  # noqa: E731
@@ -90,6 +96,10 @@ def evaluate(method: Method, facts: list[Fact], *, target_tokens: Callable[[str]
         kept = [i for i in range(len(facts)) if i not in half]
         still = starts(method, [facts[i].prompt for i in kept], [facts[i].target for i in kept], n_tok)
         metrics["rollback_fidelity"] = mean(identical)
+        if route:
+            rerouted = [r is not None for r in batched(route, [facts[i].prompt for i in sorted(half)])]
+            metrics["rolled_back_routed_elsewhere"] = mean(rerouted)
+            metrics["rollback_fidelity_unrouted"] = mean([same for same, r in zip(identical, rerouted) if not r])
         metrics["retention_after_rollback"] = mean(still)
     metrics.update(stats() if stats else {})
     edits = [{"id": i, "relation": f.relation, "prompt": f.prompt, "target": f.target, "success": s,
@@ -116,7 +126,8 @@ def evaluate_sola(model, tokenizer, facts: list[Fact], path: str, config=None, t
                     "trainable_params_per_edit": sum(cfg.rank * (s.in_features + s.out_features) for s in cfg.layers)}
 
         return evaluate(
-            _Sola(editor, train), facts, seed=seed, rollback=editor.rollback, stats=stats, progress=progress,
+            _Sola(editor, train), facts, seed=seed, rollback=editor.rollback, route=editor.route, stats=stats,
+            progress=progress,
             target_tokens=lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]),
         )
 

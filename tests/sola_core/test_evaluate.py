@@ -33,6 +33,7 @@ def test_small_run_meets_the_bars(tmp_path, llama, tokenizer):
     assert m["edit_success"] == 1.0 and m["retention"] == 1.0
     assert m["locality"] == 1.0 and m["neighbourhood_locality"] == 1.0
     assert m["rollback_fidelity"] == 1.0 and m["retention_after_rollback"] == 1.0
+    assert m["rolled_back_routed_elsewhere"] == 0.0 and m["rollback_fidelity_unrouted"] == 1.0
     assert m["trainable_params_per_edit"] == 4 * (128 + 64)
     json.dumps(m)  # the report is JSON-safe
 
