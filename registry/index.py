@@ -47,12 +47,16 @@ def _knn_gpu(q: torch.Tensor, keys: torch.Tensor, k: int, metric: int) -> tuple[
     return faiss.knn_gpu(_faiss_gpu_resources(), q, keys, k, metric=metric)
 
 
-def _normalise(x: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
-    """Unit rows (zero rows stay zero) so that inner product is cosine similarity."""
+def _normalise(x: np.ndarray | torch.Tensor, in_place: bool = False) -> np.ndarray | torch.Tensor:
+    """Unit rows (zero rows stay zero) so that inner product is cosine similarity; ``in_place`` (numpy)
+    divides ``x`` itself instead of allocating a copy."""
     if isinstance(x, torch.Tensor):
         return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    norms = np.sqrt(np.einsum("ij,ij->i", x, x))[:, None]  # no (n, dim) temporary: 40% faster index builds
-    return x / np.maximum(norms, 1e-12)
+    norms = np.maximum(np.sqrt(np.einsum("ij,ij->i", x, x))[:, None], 1e-12)  # no (n, dim) temporary
+    if in_place:
+        x /= norms
+        return x
+    return x / norms
 
 
 class KeyIndex:
@@ -102,14 +106,12 @@ class KeyIndex:
         if keys.dtype != np.float32 or not keys.flags.c_contiguous or keys.ndim != 2 or capacity < max(n, 1):
             raise ValidationError("from_matrix needs a C-contiguous float32 (capacity >= len(ids), dim) matrix")
         index = cls(keys.shape[1], metric, backend, device, capacity=1, key_dtype=key_dtype)
-        if metric == "cosine":
-            used = keys[:n]
-            used /= np.maximum(np.sqrt(np.einsum("ij,ij->i", used, used)), 1e-12)[:, None]
-        if index._on_torch or index._half:
+        if index._on_torch or index._half:  # the keys go to another device or dtype anyway: copy them once
             index._reserve(capacity)
-            index._n = 0
             index.add(ids, keys[:n])
         else:
+            if metric == "cosine":
+                _normalise(keys[:n], in_place=True)
             index._keys, index._ids = keys, np.empty(capacity, dtype=np.int64)
             index._ids[:n] = ids
             index._rows = dict(zip(ids.tolist(), range(n)))

@@ -203,7 +203,8 @@ class EditRegistry:
         return self._index
 
     def _build_index(self) -> KeyIndex:
-        """All active keys from one read transaction, in chunks (derived data, never stored)."""
+        """All active keys from one read transaction, each copied once into the index's matrix (derived
+        data, never stored)."""
         with self._store.read(buffers=True) as txn:
             ids = list(txn.ids("active"))
             ids, keys = _read_keys(txn, ids, self._config.key_dim, spare=max(16, len(ids) // 8))

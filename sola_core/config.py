@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-METRICS = ("cosine", "l2")
+from registry.index import BACKENDS, KEY_DTYPES
+from registry.types import METRICS
 # Cosine-distance thresholds per key source, from `sola calibrate` on SmolLM2 (README, "Edit quality").
 # layer: the paper's alpha; neighbours' in-layer keys sit only a few hundredths away, so it must stay tight.
 DEFAULT_THRESHOLDS = {"layer": 0.01, "encoder": 0.15}
@@ -72,9 +73,9 @@ class RuntimeConfig:
                                                                  "(torch backend, cosine metric; still exact)"})
 
     def __post_init__(self) -> None:
-        if self.backend not in ("faiss", "torch"):
+        if self.backend not in BACKENDS:
             raise ValueError(f"backend must be faiss or torch, got {self.backend!r}")
-        if self.key_dtype not in ("float32", "float16"):
+        if self.key_dtype not in KEY_DTYPES:
             raise ValueError(f"key_dtype must be float32 or float16, got {self.key_dtype!r}")
         if self.key_dtype == "float16" and self.backend != "torch":
             raise ValueError("key_dtype float16 needs backend torch")
