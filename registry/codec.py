@@ -18,7 +18,7 @@ import torch
 from .errors import CorruptEdit, ValidationError
 from .types import RegistryConfig
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 LIBRARY_VERSION = "0.1.0"
 KEY_DTYPE = np.dtype("<f4")
 

@@ -22,7 +22,7 @@ from .codec import KEY_DTYPE, LIBRARY_VERSION, SCHEMA_VERSION, adapter_nbytes, d
 from .errors import CorruptEdit, EditNotFound, ReadOnlyError, RegistryError, SchemaError, ValidationError
 from .index import KeyIndex
 from .store import MAX_MAP_SIZE, Store, Txn
-from .transaction import NewEdit, Stale, Transaction, get_meta, put_meta
+from .transaction import NewEdit, Stale, Transaction, get_meta, is_tombstone, put_meta
 from .types import STATUSES, Record, RegistryConfig, VerifyReport
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,8 @@ class EditRegistry:
                  key_dtype: str = "float32"):
         self._store, self._config = store, config
         self._backend, self._device, self._key_dtype = backend, device, key_dtype
-        self._index: KeyIndex | None = None
+        self._index: KeyIndex | None = None  # active keys
+        self._tombstones: KeyIndex | None = None  # rolled-back keys (see ``match``)
         self._listeners: list[Listener] = []
         self._seen = self.generation
 
@@ -84,6 +85,8 @@ class EditRegistry:
             raise SchemaError(f"{path} is not a registry (it has no data.mdb)")
         store = Store(path, readonly=readonly, max_map_size=max_map_size)
         try:
+            if not readonly and _stored_version(store) == 1:
+                store.write(_upgrade)
             with store.read() as txn:
                 config = _load_config(txn, path)
         except BaseException:
@@ -97,7 +100,7 @@ class EditRegistry:
 
     def close(self) -> None:
         self._store.close()
-        self._index = None
+        self._index = self._tombstones = None
         self._listeners.clear()
 
     def __enter__(self) -> EditRegistry:
@@ -190,23 +193,44 @@ class EditRegistry:
         return dists[:, 0], ids[:, 0]
 
     def match(self, queries: Any) -> Any:
-        """The edit id routed to per query row, or -1 when none lies within the threshold."""
+        """The edit id routed to per query row, or -1: when no active key lies within the threshold, or when a
+        rolled-back edit's key (a tombstone) lies nearer than the nearest active key.
+
+        Tombstones make rollback exact: the inputs an edit took over go back to the base model, not to a
+        neighbouring edit that happens to lie within the threshold. "Nearer" is by more than the supersede
+        distance (as Euclidean distance between unit keys, for cosine), so a tombstone never shadows an active
+        edit within that distance of it: a re-edit of the same prompt, or the version a rollback brought back.
+        """
         dists, ids = self.nearest(queries)
-        within = dists <= self._config.threshold
+        routed = dists <= self._config.threshold
+        tombstones = self._ensure_tombstones()
+        if len(tombstones):
+            tomb_dists = tombstones.search(queries, 1)[0][:, 0]
+            margin = self._chord(np.float64(self._config.supersede_distance))
+            routed &= self._chord(dists) <= self._chord(tomb_dists) + margin
         if isinstance(ids, torch.Tensor):
-            return torch.where(within, ids, torch.full_like(ids, -1))
-        return np.where(within, ids, -1)
+            return torch.where(routed, ids, torch.full_like(ids, -1))
+        return np.where(routed, ids, -1)
+
+    def _chord(self, dist: Any) -> Any:
+        """Distance as a metric (triangle inequality): cosine distance 1 - cos(a, b) of unit keys is |a - b|^2 / 2."""
+        return (2 * dist).clip(min=0) ** 0.5 if self._config.metric == "cosine" else dist
 
     def _ensure_index(self) -> KeyIndex:
         if self._index is None:
-            self._index = self._build_index()
+            self._index = self._build_index("active")
         return self._index
 
-    def _build_index(self) -> KeyIndex:
-        """All active keys from one read transaction, each copied once into the index's matrix (derived
-        data, never stored)."""
+    def _ensure_tombstones(self) -> KeyIndex:
+        if self._tombstones is None:
+            self._tombstones = self._build_index("tombstones")
+        return self._tombstones
+
+    def _build_index(self, db: str) -> KeyIndex:
+        """The keys of the ids in ``db`` from one read transaction, each copied once into the index's matrix
+        (derived data, never stored)."""
         with self._store.read(buffers=True) as txn:
-            ids = list(txn.ids("active"))
+            ids = list(txn.ids(db))
             ids, keys = _read_keys(txn, ids, self._config.key_dim, spare=max(16, len(ids) // 8))
         return KeyIndex.from_matrix(ids, keys, self._config.metric, self._backend, self._device, self._key_dtype)
 
@@ -274,7 +298,7 @@ class EditRegistry:
             def run(txn: Txn) -> tuple[T, dict, dict]:
                 tx = Transaction(txn, self._config, index, expected_generation=self._seen)
                 result = body(tx)
-                return result, tx.finish(op), tx.activated_keys()
+                return result, tx.finish(op), tx.new_keys()
 
             try:
                 result, event, keys = self._store.write(run)
@@ -300,15 +324,15 @@ class EditRegistry:
                 return []
             events = [decode_json(data) for _, data in islice(txn.items("log", self._seen + 1),
                                                               generation - self._seen)]
-            keys = self._keys_for(txn, events) if self._index is not None else {}
+            keys = self._keys_for(txn, events) if self._index is not None or self._tombstones is not None else {}
         for event in events:
             self._apply(event, keys)
         self._seen = generation
         return events
 
     def _keys_for(self, txn: Txn, events: list[dict]) -> dict[int, np.ndarray]:
-        ids, keys = _read_keys(txn, sorted({i for event in events for i in event["activated"]}),
-                               self._config.key_dim)
+        ids = {i for event in events for i in event["activated"] + event.get("entombed", [])}
+        ids, keys = _read_keys(txn, sorted(ids), self._config.key_dim)
         return dict(zip(ids, keys))
 
     def _apply(self, event: dict, keys: dict[int, np.ndarray]) -> None:
@@ -316,12 +340,10 @@ class EditRegistry:
             with self._store.read() as txn:
                 self._config = _load_config(txn, self.path)
         elif event["op"] == "repair":
-            self._index = None  # derived data was rebuilt in the store: rebuild ours lazily
-        elif self._index is not None:
-            self._index.remove(event["deactivated"])
-            activated = [i for i in event["activated"] if i in keys]  # unreadable keys never route
-            if activated:
-                self._index.add(activated, np.stack([keys[i] for i in activated]))
+            self._index = self._tombstones = None  # derived data was rebuilt in the store: rebuild ours lazily
+        else:
+            _replay(self._index, event["deactivated"], event["activated"], keys)
+            _replay(self._tombstones, event["activated"], event.get("entombed", []), keys)
         for listener in list(self._listeners):
             listener(event)
 
@@ -353,7 +375,7 @@ class EditRegistry:
             self._check_writable()
         self.refresh()
         with self._store.read() as txn:
-            report, corrupt = verify.check(txn, self._config, self._index, fingerprint)
+            report, corrupt = verify.check(txn, self._config, self._index, self._tombstones, fingerprint)
         if repair and not report.ok:
             report.repaired = self._write("repair", lambda tx: verify.repair(tx, corrupt),
                                           needs_index=False)
@@ -376,6 +398,33 @@ class EditRegistry:
         self._check_writable()
         edits = bundle.read(os.fspath(path), self._config)
         return self._write("import", lambda tx: tx.insert_many(edits), needs_index=True)
+
+
+def _replay(index: KeyIndex | None, removed: list[int], added: list[int], keys: dict[int, np.ndarray]) -> None:
+    if index is None:
+        return
+    index.remove(removed)
+    added = [i for i in added if i in keys]  # unreadable keys are never searched
+    if added:
+        index.add(added, np.stack([keys[i] for i in added]))
+
+
+def _stored_version(store: Store) -> Any:
+    with store.read() as txn:
+        return get_meta(txn, "schema_version")
+
+
+def _upgrade(txn: Txn) -> None:
+    """Bring a registry written by an older version up to this schema, in the open's write transaction.
+
+    Version 1 had no tombstones: every rolled-back edit becomes one, as if rolled back today.
+    """
+    if get_meta(txn, "schema_version") != 1:
+        return
+    for edit_id, data in txn.items("records"):
+        if is_tombstone(decode_json(data)):
+            txn.put("tombstones", edit_id, b"")
+    put_meta(txn, "schema_version", SCHEMA_VERSION)
 
 
 def _init_meta(txn: Txn, config: RegistryConfig) -> None:

@@ -18,7 +18,7 @@ import lmdb
 
 from .errors import ReadOnlyError, RegistryError, SchemaError
 
-DATABASES = ("meta", "records", "keys", "adapters", "log", "active")
+DATABASES = ("meta", "records", "keys", "adapters", "log", "active", "tombstones")
 INITIAL_MAP_SIZE = 64 << 20
 MAX_MAP_SIZE = 1 << 40
 T = TypeVar("T")
@@ -102,7 +102,9 @@ def _open_env(path: str, readonly: bool, create: bool, map_size: int) -> _Shared
         dbs = {name: env.open_db(name.encode(), create=not readonly) for name in DATABASES}
     except lmdb.Error:
         env.close()
-        raise SchemaError(f"{path} is not a registry (its databases are missing)") from None
+        raise SchemaError(f"{path} is not a registry, or was written by an older version and is opened read-only "
+                          "(its databases are missing; open an older registry once without read-only to upgrade it)"
+                          ) from None
     if not readonly:
         env.reader_check()  # free reader slots left by killed processes, so old pages can be reused
     return _Shared(env, dbs, readonly)

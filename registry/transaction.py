@@ -1,6 +1,9 @@
 """One write transaction: new edits, status changes with their conflict resolution, counters
 and the single log event that tells other processes what changed.
 
+A rolled-back edit's key stays in the store as a *tombstone*: it keeps the inputs nearest to it on the base
+model, so a rollback does not hand them to a neighbouring edit (``EditRegistry.match``).
+
 A :class:`Transaction` lives only inside ``Store.write`` and may be re-run from scratch when
 the map grows, so it changes nothing outside the LMDB transaction; the caller applies
 :meth:`Transaction.finish`'s event to the in-memory index after the commit.
@@ -81,6 +84,7 @@ class Transaction:
         self._initial: dict[int, bool] = {}  # id -> was active before this transaction
         self._final: dict[int, bool] = {}  # id -> is active now
         self._keys: dict[int, np.ndarray] = {}  # keys of ids activated here
+        self._entombed: dict[int, np.ndarray] = {}  # keys of ids that became tombstones here
         self._pending = None if index is None else KeyIndex(config.key_dim, config.metric, capacity=16)
 
     # --- records -------------------------------------------------------------------------
@@ -104,6 +108,8 @@ class Transaction:
             self._mark_active(rec.id, key if key is not None else self._stored_key(rec))
         elif rec.status == ACTIVE:
             self._mark_inactive(rec.id)
+        if rec.status == ROLLED_BACK:
+            self.unentomb(rec.id)
         rec.status, rec.updated = status, self.time
         self.save(rec)
 
@@ -120,6 +126,18 @@ class Transaction:
         self._keys.pop(edit_id, None)
         if self._pending is not None:
             self._pending.remove([edit_id])
+
+    def _entomb(self, rec: Record) -> None:
+        self.txn.put("tombstones", rec.id, b"")
+        self._entombed[rec.id] = self._stored_key(rec)
+
+    def unentomb(self, edit_id: int) -> bool:
+        """Stop keeping a rolled-back edit's key as a tombstone; False if it was none."""
+        self._entombed.pop(edit_id, None)
+        if self.txn.get("tombstones", edit_id) is None:
+            return False
+        self.txn.delete("tombstones", edit_id)
+        return True
 
     # --- conflicts -----------------------------------------------------------------------
     def _conflict(self, key: np.ndarray, hint: tuple[float, int] | None = None) -> int | None:
@@ -177,12 +195,15 @@ class Transaction:
         return [self.insert(edit, hint) for edit, hint in zip(edits, hints)]
 
     def rollback(self, edit_id: int, keep_inactive: frozenset[int] = frozenset()) -> Record:
-        """Take an edit out of service; if it was active, its previous version comes back."""
+        """Take an edit out of service and keep its key as a tombstone; if it was active, its previous version
+        comes back. ``keep_inactive`` (repair: corrupt edits) stay out of service and get no tombstone."""
         rec = self.record(edit_id)
         if rec.status == ROLLED_BACK:
             raise InvalidTransition(f"edit {edit_id} is already rolled back")
         was_active = rec.status == ACTIVE
         self._set_status(rec, ROLLED_BACK)
+        if edit_id not in keep_inactive:
+            self._entomb(rec)
         if was_active:
             self._reactivate_previous(rec, keep_inactive)
         return rec
@@ -226,17 +247,21 @@ class Transaction:
         return rec
 
     def recount(self) -> dict[str, int]:
-        """Rebuild the status counters, the active set and the next id from the records (repair)."""
+        """Rebuild the status counters, the active set, the tombstones and the next id from the records (repair)."""
         counts = dict.fromkeys(STATUSES, 0)
         self.txn.drop("active")
+        self.txn.drop("tombstones")
         last_id = 0
         for edit_id, data in self.txn.items("records"):
             last_id = edit_id
-            status = decode_json(data).get("status")
+            rec = decode_json(data)
+            status = rec.get("status")
             if status in counts:
                 counts[status] += 1
             if status == ACTIVE:
                 self.txn.put("active", edit_id, b"")
+            elif is_tombstone(rec):
+                self.txn.put("tombstones", edit_id, b"")
         self._counts = counts
         if not isinstance(self._next_id, int) or self._next_id <= last_id:
             self._next_id = last_id + 1
@@ -250,6 +275,7 @@ class Transaction:
             "seq": seq, "op": op, "time": self.time,
             "activated": sorted(i for i, on in self._final.items() if on and not self._initial[i]),
             "deactivated": sorted(i for i, on in self._final.items() if not on and self._initial[i]),
+            "entombed": sorted(self._entombed),
         }
         self.txn.put("log", seq, encode_json(event))
         put_meta(self.txn, "generation", seq)
@@ -257,8 +283,14 @@ class Transaction:
         put_meta(self.txn, "counts", self._counts)
         return event
 
-    def activated_keys(self) -> dict[int, np.ndarray]:
-        return dict(self._keys)
+    def new_keys(self) -> dict[int, np.ndarray]:
+        """Keys of the edits this transaction activated or made tombstones (for the in-memory indexes)."""
+        return {**self._keys, **self._entombed}
+
+
+def is_tombstone(rec: dict) -> bool:
+    """A rolled-back edit keeps its key as a tombstone unless repair rolled it back for being corrupt."""
+    return rec.get("status") == ROLLED_BACK and "corrupt" not in (rec.get("info") or {})
 
 
 def _first(result: tuple[np.ndarray, np.ndarray]) -> tuple[float, int]:

@@ -13,11 +13,11 @@ from .codec import SCHEMA_VERSION, decode_adapter, decode_json, decode_key
 from .errors import CorruptEdit
 from .index import KeyIndex
 from .store import Txn
-from .transaction import Transaction, get_meta
+from .transaction import Transaction, get_meta, is_tombstone
 from .types import ACTIVE, ROLLED_BACK, STATUSES, SUPERSEDED, Record, RegistryConfig, VerifyReport
 
 
-def check(txn: Txn, config: RegistryConfig, index: KeyIndex | None,
+def check(txn: Txn, config: RegistryConfig, index: KeyIndex | None, tombstones: KeyIndex | None = None,
           fingerprint: dict | None = None) -> tuple[VerifyReport, dict[int, str]]:
     """All problems found, and the corrupt edits (id -> reason) that repair should roll back.
 
@@ -27,6 +27,7 @@ def check(txn: Txn, config: RegistryConfig, index: KeyIndex | None,
     corrupt: dict[int, str] = {}
     counted: Counter = Counter()
     active: set[int] = set()
+    entombed: set[int] = set()
     checked = last_id = 0
     for edit_id, data in txn.items("records"):
         checked, last_id = checked + 1, edit_id
@@ -38,12 +39,15 @@ def check(txn: Txn, config: RegistryConfig, index: KeyIndex | None,
         counted[rec.status] += 1
         if rec.status == ACTIVE:
             active.add(edit_id)
+        elif is_tombstone(rec.to_dict()):
+            entombed.add(edit_id)
         problems += _record_problems(txn, rec, edit_id)
         reason = _tensor_problem(txn, config, rec)
         if reason:
             problems.append(reason)
             corrupt[edit_id] = reason
     problems += _derived_problems(txn, counted, active, index)
+    problems += _set_problems(txn, "tombstones", "a tombstone", entombed, tombstones)
     problems += _orphans(txn) + _log_problems(txn, last_id)
     return VerifyReport(ok=not problems, checked=checked, problems=problems), corrupt
 
@@ -107,12 +111,15 @@ def _record_problems(txn: Txn, rec: Record, edit_id: int) -> list[str]:
 
 
 def _tensor_problem(txn: Txn, config: RegistryConfig, rec: Record) -> str | None:
-    """Why an edit that may serve (active or superseded) has a bad key or adapter, or None."""
-    if rec.status == ROLLED_BACK:
+    """Why an edit that may serve (active or superseded) has a bad key or adapter, or a tombstone a bad key; None
+    when all is well."""
+    tombstone = rec.status == ROLLED_BACK
+    if tombstone and txn.get("tombstones", rec.id) is None:
         return None
     try:
         decode_key(txn.get("keys", rec.id), config.key_dim, rec.id, rec.key_sha256)
-        decode_adapter(txn.get("adapters", rec.id), config, rec.id, rec.adapter_sha256)
+        if not tombstone:
+            decode_adapter(txn.get("adapters", rec.id), config, rec.id, rec.adapter_sha256)
     except CorruptEdit as exc:
         return str(exc)
     return None
@@ -124,13 +131,18 @@ def _derived_problems(txn: Txn, counted: Counter, active: set[int], index: KeyIn
     stored = get_meta(txn, "counts") or {}
     if any(stored.get(status, 0) != counted[status] for status in STATUSES):
         problems.append(f"status counters are wrong: stored {stored}, counted {dict(counted)}")
-    listed = set(txn.ids("active"))
-    problems += [f"edit {i} is active but missing from the active set" for i in sorted(active - listed)]
-    problems += [f"edit {i} is in the active set but not active" for i in sorted(listed - active)]
+    return problems + _set_problems(txn, "active", "active", active, index)
+
+
+def _set_problems(txn: Txn, db: str, what: str, expected: set[int], index: KeyIndex | None) -> list[str]:
+    """A stored id set (``active``, ``tombstones``) and its in-memory index against the records."""
+    listed = set(txn.ids(db))
+    problems = [f"edit {i} is {what} but missing from the {db} set" for i in sorted(expected - listed)]
+    problems += [f"edit {i} is in the {db} set but not {what}" for i in sorted(listed - expected)]
     if index is not None:
         indexed = set(index.ids().tolist())
-        problems += [f"edit {i} is active but missing from the search index" for i in sorted(active - indexed)]
-        problems += [f"edit {i} is in the search index but not active" for i in sorted(indexed - active)]
+        problems += [f"edit {i} is {what} but missing from the {db} index" for i in sorted(expected - indexed)]
+        problems += [f"edit {i} is in the {db} index but not {what}" for i in sorted(indexed - expected)]
     return problems
 
 
@@ -142,9 +154,12 @@ def repair(tx: Transaction, corrupt: dict[int, str]) -> list[str]:
         rec = tx.record(edit_id)
         if rec.status != ROLLED_BACK:
             rec = tx.rollback(edit_id, keep_inactive)
-            rec.info["corrupt"] = reason
-            tx.save(rec)
             repaired.append(f"edit {edit_id} rolled back: {reason}")
+        else:
+            tx.unentomb(edit_id)
+            repaired.append(f"edit {edit_id} is no longer a tombstone: {reason}")
+        rec.info["corrupt"] = reason
+        tx.save(rec)
     for db in ("keys", "adapters"):
         for edit_id in orphan_ids(tx.txn, db):
             tx.txn.delete(db, edit_id)

@@ -169,7 +169,7 @@ def test_unknown_schema_version_is_refused(tmp_path, config):
     store = Store(tmp_path / "r")
     store.write(lambda txn: txn.put("meta", "schema_version", b"7"))
     store.close()
-    with pytest.raises(SchemaError, match=r"^registry schema version 7 is not supported by this version \(expects 1\)$"):
+    with pytest.raises(SchemaError, match=r"^registry schema version 7 is not supported by this version \(expects 2\)$"):
         EditRegistry.open(tmp_path / "r")
 
 
@@ -215,6 +215,6 @@ def test_stats_are_json_safe(reg):
     add(reg, 1)
     stats = json.loads(json.dumps(reg.stats()))
     assert stats["active"] == stats["total"] == 1 and stats["generation"] == 1
-    assert stats["adapter_bytes"] == 2 * 4 * (2 * 12 + 10 * 2) and stats["schema_version"] == 1
+    assert stats["adapter_bytes"] == 2 * 4 * (2 * 12 + 10 * 2) and stats["schema_version"] == 2
     assert stats["disk_bytes"] > 0 and stats["map_size"] >= stats["disk_bytes"]
     assert stats["layers"][0] == {"name": "mlp.0", "in_features": 12, "out_features": 10}

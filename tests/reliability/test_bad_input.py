@@ -85,7 +85,7 @@ def test_an_unknown_schema_version_is_refused(registry_copy, model_dir):
     for args in (["list"], ["rollback", "1"], ["generate", FRANCE]):
         result = invoke(*args, registry=registry_copy, model=model_dir)
         assert result.exit_code == 1
-        assert_one_error_line(result.stderr, "registry schema version 99 is not supported by this version (expects 1)")
+        assert_one_error_line(result.stderr, "registry schema version 99 is not supported by this version (expects 2)")
     assert file_digest(registry_copy) == before
     real = sola("list", registry=registry_copy)  # the same through a real process: exit status and stderr
     assert real.returncode == 1 and real.stdout == ""
