@@ -3,7 +3,8 @@
     python bench/quality.py --edits 1000            # writes bench/results/quality.json and quality.md
 
 Methods run one after another and each is saved as it finishes; rerunning with `--methods` for the same
-`--edits` and `--seed` adds to (or replaces columns of) the saved table.
+`--edits` and `--seed` adds to (or replaces columns of) the saved table. Two runs may write the same table at
+once (say `--threads 1` each, one per core): each merges into what is saved when it saves.
 
 Every method edits the same layer of the same model (SmolLM2-135M-Instruct by default) with the same facts in
 the same order, and is measured by the same harness (sola_core/evaluate.py).
@@ -16,6 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -64,17 +66,25 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--model", default=None)
     ap.add_argument("--out", default=str(OUT / "quality"))
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = Path(args.out + ".json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    saved = json.loads(out.read_text()) if out.exists() else {}
-    same_run = saved.get("edits") == args.edits and saved.get("seed") == args.seed
-    results = saved.get("results", {}) if same_run else {}
+    results = {}
     for method in args.methods.split(","):  # saved after each method: a long run keeps what it finished
-        results[method] = run(method, args.edits, args.seed, args.model)
+        metrics = {**run(method, args.edits, args.seed, args.model), "torch_threads": torch.get_num_threads()}
+        results = {**saved_results(out, args.edits, args.seed), method: metrics}
         out.write_text(json.dumps({"edits": args.edits, "seed": args.seed, "results": results}, indent=2))
         Path(args.out + ".md").write_text(table(results) + "\n")
     print(table(results))
+
+
+def saved_results(out: Path, edits: int, seed: int) -> dict[str, dict]:
+    """The table saved so far for this many edits and this seed (another one is replaced)."""
+    saved = json.loads(out.read_text()) if out.exists() else {}
+    return saved.get("results", {}) if saved.get("edits") == edits and saved.get("seed") == seed else {}
 
 
 if __name__ == "__main__":

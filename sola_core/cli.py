@@ -261,7 +261,7 @@ def show(ctx, edit_id, as_json):
 @json_option
 @click.pass_context
 def rollback(ctx, edit_id, as_json):
-    """Take an edit out of routing (its previous version, if any, comes back)."""
+    """Take an edit out of routing: its inputs get the unedited model again, or its previous version if any."""
     record = open_registry(ctx).rollback(edit_id)
     say(as_json, record_row(record), f"rolled back edit {record.id}")
 

@@ -140,6 +140,8 @@ def test_registry_matches_on_cuda_queries(tmp_path):
         queries = torch.from_numpy(np.stack([make_key(1), make_key(2)])).cuda()
         ids = reg.match(queries)
         assert ids.device.type == "cuda" and ids.tolist() == [eid, -1]
+        reg.rollback(eid)  # its key becomes a tombstone, searched on the GPU too
+        assert reg.match(queries).tolist() == [-1, -1]
 
 
 @FAISS_GPU

@@ -1,6 +1,8 @@
 """Rolled-back keys stay as tombstones: a rollback gives the inputs an edit took over back to the base model,
 not to a neighbouring edit that happens to lie within the threshold."""
 import numpy as np
+import pytest
+import torch
 from registry_helpers import make_adapter, make_config, make_key, near
 
 from registry import EditRegistry
@@ -12,9 +14,9 @@ def add(reg, seed, key=None):
     return reg.add(f"p{seed}", f"t{seed}", make_key(seed) if key is None else key, make_adapter(reg.config, seed))
 
 
-def neighbours(tmp_path, name="r"):
+def neighbours(tmp_path, backend="faiss"):
     """Two active edits whose keys route to each other (threshold 0.3, 0.05 apart), supersede only within 1e-3."""
-    reg = EditRegistry.create(tmp_path / name, make_config(threshold=0.3, supersede_within=1e-3))
+    reg = EditRegistry.create(tmp_path / "r", make_config(threshold=0.3, supersede_within=1e-3), backend=backend)
     close = near(make_key(1), scale=0.05)
     return reg, add(reg, 1), add(reg, 2, key=close), close
 
@@ -26,6 +28,15 @@ def test_a_rolled_back_edit_does_not_hand_its_prompt_to_a_neighbour(tmp_path):
         reg.rollback(first)
         assert reg.match(np.stack([make_key(1), close])).tolist() == [-1, second]
         assert reg.verify().ok
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_torch_queries_meet_tombstones_too(tmp_path, backend):
+    reg, first, second, close = neighbours(tmp_path, backend)
+    with reg:
+        reg.rollback(first)
+        routed = reg.match(torch.from_numpy(np.stack([make_key(1), close, make_key(3)])))
+        assert isinstance(routed, torch.Tensor) and routed.tolist() == [-1, second, -1]
 
 
 def test_tombstones_survive_reopen_and_reach_other_instances(tmp_path):
