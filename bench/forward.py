@@ -2,10 +2,11 @@
 
     python bench/forward.py                      # N = 0, 1k, 10k, 100k; batch 1 and 16; prompt 32 tokens; +32 generated
     python bench/forward.py --key-source layer   # the same with the paper's in-layer key (writes forward-layer.json)
+    python bench/forward.py --encoder-dtype float32  # the encoder key without bfloat16 (forward-float32.json)
     python bench/forward.py --quick              # a tiny random Llama and N <= 40: seconds
 
 The edited model is SmolLM2 patched by ``SolaEditor`` (layer 24's MLP down_proj) with the default key source,
-the encoder (a MiniLM pass over each prompt: 384-float keys), or with ``--key-source layer`` (the down_proj
+the encoder (a MiniLM pass over each prompt, in bfloat16 where the CPU has it: 384-float keys), or with ``--key-source layer`` (the down_proj
 input at the last prompt token: 1536-float keys, no extra model); the unedited one is a deep copy taken before
 patching. The registry is filled with ``add_many``: random keys and
 adapters for N - 8 edits, plus 8 edits whose keys are the real keys of 8 of the 16 prompts, so half of each
@@ -25,8 +26,9 @@ import torch
 from tqdm import tqdm
 
 from sola_core import SolaEditor
-from sola_core.config import EditConfig
+from sola_core.config import EditConfig, RuntimeConfig
 from sola_core.editor import with_positions
+from sola_core.keys import key_source
 
 # -- config ------------------------------------------------------------------------------------------
 NS = [0, 1_000, 10_000, 100_000]
@@ -39,8 +41,11 @@ TARGETS = {10_000: 1.10, 100_000: 1.25}  # time ratio at batch 16 (issue 4)
 WORKDIR = None  # registry folder's parent (None: the system temp dir); 100k edits take ~4.6 GB
 
 args = parse_args(__doc__, workdir=(str, WORKDIR, "where to create the temporary registry"),
-                  key_source=(str, EditConfig.key_source, "encoder (the default) or layer"))
-NAME = "forward" if args.key_source == EditConfig.key_source else f"forward-{args.key_source}"
+                  key_source=(str, EditConfig.key_source, "encoder (the default) or layer"),
+                  encoder_dtype=(str, RuntimeConfig.encoder_dtype, "auto (the default), float32 or bfloat16"))
+NAME = "-".join(["forward"] + [value for value, default in ((args.key_source, EditConfig.key_source),
+                                                             (args.encoder_dtype, RuntimeConfig.encoder_dtype))
+                               if value != default])
 if args.quick:
     NS, FORWARD_REPS, GENERATE_REPS, NEW_TOKENS, PROMPT_TOKENS = [0, 40], 2, 1, 2, 12
 
@@ -60,7 +65,8 @@ workdir = tempfile.TemporaryDirectory(prefix="sola-bench-forward-", dir=args.wor
 # A tight threshold for either key source: the bench's word-salad prompts are close to one another in a sentence
 # encoder's space, and only the planned rows may route (the threshold does not change what a forward costs).
 config = EditConfig(key_source=args.key_source, threshold=0.01)
-editor = SolaEditor.open(Path(workdir.name) / "registry", model, tok, config=config)
+editor = SolaEditor.open(Path(workdir.name) / "registry", model, tok, config=config,
+                         runtime=RuntimeConfig(encoder_dtype=args.encoder_dtype))
 prompts = prompts_of_length(tok, max(BATCHES), PROMPT_TOKENS)
 hit = list(range(0, max(BATCHES), 2))  # rows 0, 2, 4, ...: half of each batch of 16
 enc = with_positions(editor.encode(prompts))
@@ -68,6 +74,14 @@ assert enc["input_ids"].shape == (max(BATCHES), PROMPT_TOKENS), enc["input_ids"]
 cfg = editor.registry.config
 print(f"edited layer {cfg.layers[0].name} ({cfg.layers[0].in_features}->{cfg.layers[0].out_features}), "
       f"key dim {cfg.key_dim}, rank {cfg.rank}")
+
+
+def bf16_drift(texts: list[str]) -> float | None:
+    """Largest cosine distance between a prompt's float32 and bfloat16 encoder keys (None for the layer key)."""
+    if cfg.key_source != "encoder":
+        return None
+    fp32, bf16 = (key_source("encoder", tok, dtype).embed(texts) for dtype in ("float32", "bfloat16"))
+    return float((1 - (fp32 * bf16).sum(-1)).max())
 
 
 def inputs(b: int) -> dict:
@@ -126,7 +140,9 @@ save(args.out, NAME, {"machine": info, "config": {"ns": NS, "batches": BATCHES, 
                                                         "new_tokens": NEW_TOKENS, "forward_reps": FORWARD_REPS,
                                                         "generate_reps": GENERATE_REPS, "layer": cfg.layers[0].name,
                                                         "key_source": cfg.key_source, "key_dim": cfg.key_dim,
-                                                        "rank": cfg.rank},
+                                                        "rank": cfg.rank, "encoder_dtype": args.encoder_dtype,
+                                                        "encoder_bf16": getattr(editor.keys, "bf16", None),
+                                                        "key_drift_bf16": bf16_drift(prompts)},
                            "rows": rows, "targets": targets})
 
 plt = pyplot()

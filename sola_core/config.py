@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 
 from registry.index import BACKENDS, KEY_DTYPES
 from registry.types import METRICS
+
+from .keys import ENCODER_DTYPES
 # Cosine-distance thresholds per key source, from `sola calibrate` on SmolLM2 (README, "Edit quality").
 # layer: the paper's alpha; neighbours' in-layer keys sit only a few hundredths away, so it must stay tight.
 DEFAULT_THRESHOLDS = {"layer": 0.01, "encoder": 0.15}
@@ -71,6 +73,9 @@ class RuntimeConfig:
     cache_slots: int = field(default=1024, metadata={"help": "adapters kept resident on the device (LRU)"})
     key_dtype: str = field(default="float32", metadata={"help": "float16 halves the bytes each search scans "
                                                                  "(torch backend, cosine metric; still exact)"})
+    encoder_dtype: str = field(default="auto", metadata={"help": "compute dtype of the encoder key source: auto "
+                                                                  "(bfloat16 where the hardware has it), float32 "
+                                                                  "or bfloat16"})
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -79,5 +84,7 @@ class RuntimeConfig:
             raise ValueError(f"key_dtype must be float32 or float16, got {self.key_dtype!r}")
         if self.key_dtype == "float16" and self.backend != "torch":
             raise ValueError("key_dtype float16 needs backend torch")
+        if self.encoder_dtype not in ENCODER_DTYPES:
+            raise ValueError(f"encoder_dtype must be one of {', '.join(ENCODER_DTYPES)}, got {self.encoder_dtype!r}")
         if self.cache_slots < 1:
             raise ValueError(f"cache_slots must be >= 1, got {self.cache_slots}")

@@ -117,13 +117,13 @@ class SolaEditor:
             try:
                 if problem:
                     raise ConfigMismatch(f"registry at {path} belongs to another model: {problem}")
-                keys = key_source(registry.config.key_source, tokenizer)
+                keys = key_source(registry.config.key_source, tokenizer, runtime.encoder_dtype)
             except Exception:
                 registry.close()
                 raise
         else:
             config = config or EditConfig()
-            keys = key_source(config.key_source, tokenizer)  # built once: the encoder source loads a model
+            keys = key_source(config.key_source, tokenizer, runtime.encoder_dtype)  # built once: the encoder source loads a model
             registry = EditRegistry.create(path, registry_config(model, config, keys),
                                            backend=runtime.backend, device=device, key_dtype=runtime.key_dtype)
         return cls(registry, model, tokenizer, runtime, keys)
