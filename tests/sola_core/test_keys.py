@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from sola_core import EditConfig, SolaEditor, TrainConfig
+from sola_core import EditConfig, RuntimeConfig, SolaEditor, TrainConfig
 from sola_core.keys import EncoderKey, LayerKey, key_source
 
 TRAIN = TrainConfig(lr=5e-2, max_steps=200, margin=1.0)
@@ -31,6 +31,23 @@ def test_encoder_embeds_the_unpadded_prompt_text(encoder, tokenizer):
     assert queries.shape == (2, 384) and encoder.dim(64) == 384
     assert torch.allclose(queries, encoder.embed(prompts), atol=1e-5)
     assert torch.allclose(queries.norm(dim=1), torch.ones(2))
+
+
+def test_bfloat16_encoder_keys_stay_far_inside_any_threshold(tokenizer):
+    """Keys made in one dtype serve queries made in the other: they differ by ~1e-5, the supersede distance is 0.01."""
+    prompts = ["The capital of France is", "Tokyo is a city in the country of", "The currency of Peru is the"]
+    fp32, bf16 = (EncoderKey(tokenizer, dtype) for dtype in ("float32", "bfloat16"))
+    a, b = fp32.embed(prompts), bf16.embed(prompts)
+    assert not fp32.bf16 and bf16.bf16 and a.dtype == b.dtype == torch.float32
+    assert not torch.equal(a, b)  # it really ran in bfloat16
+    assert (1 - (a * b).sum(1)).max() < 1e-3
+
+
+def test_unknown_encoder_dtype_is_refused(tokenizer):
+    with pytest.raises(ValueError, match="encoder dtype must be one of auto, float32, bfloat16, got 'fp8'"):
+        EncoderKey(tokenizer, "fp8")
+    with pytest.raises(ValueError, match="encoder_dtype must be one of auto, float32, bfloat16"):
+        RuntimeConfig(encoder_dtype="half")
 
 
 def test_encoder_places_paraphrases_nearer_than_neighbours(encoder):
