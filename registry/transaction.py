@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from .codec import as_key, decode_json, decode_key, encode_adapter, encode_json, sha256
-from .errors import EditNotFound, InvalidTransition, ValidationError
+from .errors import CorruptEdit, EditNotFound, InvalidTransition, ValidationError
 from .index import KeyIndex
 from .store import Txn
 from .types import ACTIVE, ROLLED_BACK, STATUSES, SUPERSEDED, Record, RegistryConfig
@@ -128,8 +128,14 @@ class Transaction:
             self._pending.remove([edit_id])
 
     def _entomb(self, rec: Record) -> None:
+        try:
+            key = self._stored_key(rec)
+        except CorruptEdit as exc:  # rolled back all the same: rollback is how a bad edit is taken out
+            rec.info["corrupt"] = str(exc)  # an unreadable key shields nothing (see is_tombstone)
+            self.save(rec)
+            return
         self.txn.put("tombstones", rec.id, b"")
-        self._entombed[rec.id] = self._stored_key(rec)
+        self._entombed[rec.id] = key
 
     def unentomb(self, edit_id: int) -> bool:
         """Stop keeping a rolled-back edit's key as a tombstone; False if it was none."""

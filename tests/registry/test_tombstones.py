@@ -72,6 +72,16 @@ def test_a_tombstone_never_shadows_the_version_it_brought_back_or_a_re_edit(reg)
     assert reg.verify().ok
 
 
+def test_an_edit_whose_key_is_corrupt_still_rolls_back_without_a_tombstone(tmp_path):
+    reg, first, second, close = neighbours(tmp_path)
+    with reg:
+        reg._store.write(lambda txn: txn.put("keys", first, b"\0" * 4 * reg.config.key_dim))  # fails its checksum
+        rec = reg.rollback(first)
+        assert rec.status == "rolled_back" and "checksum" in rec.info["corrupt"]
+        assert reg.match(np.stack([make_key(1), close])).tolist() == [second, second]  # nothing shields its prompt
+        assert reg.verify().ok
+
+
 def test_verify_finds_and_repair_rebuilds_a_lost_tombstone(tmp_path):
     reg, first, _, _ = neighbours(tmp_path)
     with reg:
