@@ -113,9 +113,9 @@ def _record_problems(txn: Txn, rec: Record, edit_id: int) -> list[str]:
 def _tensor_problem(txn: Txn, config: RegistryConfig, rec: Record) -> str | None:
     """Why an edit that may serve (active or superseded) has a bad key or adapter, or a tombstone a bad key; None
     when all is well."""
+    if rec.status == ROLLED_BACK and txn.get("tombstones", rec.id) is None:
+        return None  # out of service and shielding nothing: its key and adapter are never read
     tombstone = rec.status == ROLLED_BACK
-    if tombstone and txn.get("tombstones", rec.id) is None:
-        return None
     try:
         decode_key(txn.get("keys", rec.id), config.key_dim, rec.id, rec.key_sha256)
         if not tombstone:
