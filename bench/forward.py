@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from sola_core import SolaEditor
 from sola_core.config import EditConfig, RuntimeConfig
-from sola_core.editor import with_positions
+from sola_core.generation import with_positions
 from sola_core.keys import key_source
 
 # -- config ------------------------------------------------------------------------------------------
@@ -69,7 +69,7 @@ editor = SolaEditor.open(Path(workdir.name) / "registry", model, tok, config=con
                          runtime=RuntimeConfig(encoder_dtype=args.encoder_dtype))
 prompts = prompts_of_length(tok, max(BATCHES), PROMPT_TOKENS)
 hit = list(range(0, max(BATCHES), 2))  # rows 0, 2, 4, ...: half of each batch of 16
-enc = with_positions(editor.encode(prompts))
+enc = with_positions(editor.model, editor.encode(prompts))
 assert enc["input_ids"].shape == (max(BATCHES), PROMPT_TOKENS), enc["input_ids"].shape
 cfg = editor.registry.config
 print(f"edited layer {cfg.layers[0].name} ({cfg.layers[0].in_features}->{cfg.layers[0].out_features}), "
@@ -141,7 +141,7 @@ save(args.out, NAME, {"machine": info, "config": {"ns": NS, "batches": BATCHES, 
                                                         "generate_reps": GENERATE_REPS, "layer": cfg.layers[0].name,
                                                         "key_source": cfg.key_source, "key_dim": cfg.key_dim,
                                                         "rank": cfg.rank, "encoder_dtype": args.encoder_dtype,
-                                                        "encoder_bf16": getattr(editor.keys, "bf16", None),
+                                                        "encoder_bf16": getattr(editor.router.keys, "bf16", None),
                                                         "key_drift_bf16": bf16_drift(prompts)},
                            "rows": rows, "targets": targets})
 

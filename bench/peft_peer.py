@@ -28,7 +28,7 @@ from peft import LoraConfig, get_peft_model
 from tqdm import tqdm
 
 from sola_core import EditConfig, RuntimeConfig, SolaEditor
-from sola_core.editor import with_positions
+from sola_core.generation import with_positions
 
 # -- config ------------------------------------------------------------------------------------------
 NS = [10, 100, 1_000]
@@ -85,7 +85,7 @@ for n in NS:
     for edit, row in zip(edits, hit_rows):  # the first HITS edits are keyed on real prompts
         edit["key"] = editor.key(prompts[row]).cpu().numpy()
     ids = editor.registry.add_many(edits, check_conflicts=False)
-    enc = with_positions(editor.encode(prompts))
+    enc = with_positions(editor.model, editor.encode(prompts))
     with torch.no_grad():
         ours = model(**enc, logits_to_keep=1).logits[:, -1]
     ours_rss = rss_bytes() - rss0

@@ -497,7 +497,7 @@ def _check_id(edit_id: Any) -> int:
     if isinstance(edit_id, bool) or not isinstance(edit_id, (int, np.integer)):
         raise ValidationError(f"edit id must be an integer, got {edit_id!r}")
     if not 0 <= edit_id < 1 << 63:
-        raise ValidationError(f"edit ids are positive integers, got {edit_id}")
+        raise ValidationError(f"edit ids are integers from 0 to 2**63 - 1, got {edit_id}")
     return int(edit_id)
 
 

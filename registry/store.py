@@ -30,7 +30,8 @@ def _encode(key: int | str) -> bytes:
 
 
 class Txn:
-    """One LMDB transaction seen through database names; values come back as copied bytes."""
+    """One LMDB transaction seen through database names; values come back as bytes, or as memoryviews into the
+    map (valid only while the transaction lives) when it was opened with buffers=True."""
 
     def __init__(self, txn: lmdb.Transaction, dbs: dict[str, lmdb._Database]):
         self._txn = txn

@@ -215,9 +215,8 @@ def generate(ctx, prompts, max_new_tokens, as_json):
     check_prompts(prompts)
     editor = open_editor(ctx, readonly=True)  # serving never writes, so it works on a read-only registry
     outputs = editor.generate(list(prompts), max_new_tokens=max_new_tokens)
-    rows = [{"prompt": p, "edit": e, "output": o} for p, e, o in zip(prompts, editor.state.edit_ids.tolist(), outputs)]
+    rows = [{"prompt": p, "edit": e, "output": o} for p, e, o in zip(prompts, editor.routed(), outputs)]
     for row in rows:
-        row["edit"] = None if row["edit"] < 0 else row["edit"]
         if not as_json:
             click.echo(f"{row['prompt']}{row['output']}")
     if as_json:

@@ -7,8 +7,9 @@ from registry.index import BACKENDS, KEY_DTYPES
 from registry.types import METRICS
 
 from .keys import ENCODER_DTYPES
-# Cosine-distance thresholds per key source, from `sola calibrate` on SmolLM2 (README, "Edit quality").
-# layer: the paper's alpha; neighbours' in-layer keys sit only a few hundredths away, so it must stay tight.
+
+# Cosine-distance routing thresholds per key source, from `sola calibrate` on SmolLM2 (README, "Edit quality").
+# layer: neighbours' in-layer keys sit only a few hundredths away, so it must stay tight.
 DEFAULT_THRESHOLDS = {"layer": 0.01, "encoder": 0.15}
 
 

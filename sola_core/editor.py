@@ -1,86 +1,28 @@
 """SolaEditor, the public Python API: patches a model in place and edits it through a registry.
 
-The editor injects (finds each edited linear with `get_submodule`, swaps in a `SolaLayer` with `setattr`,
-and puts the original back on `close`); the layer computes; the registry stores and searches.
+The editor wires: it injects (finds each edited linear with `get_submodule`, swaps in a `SolaLayer` with
+`setattr`, and puts the original back on `close`); the layer computes; the router decides which edit each row
+gets; the registry stores and searches.
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from registry import AdapterCache, EditRegistry, LayerSpec, Record, RegistryConfig
-from registry.errors import ConfigMismatch, CorruptEdit, ValidationError
+from registry.errors import ConfigMismatch, ValidationError
 
 from .config import EditConfig, RuntimeConfig, TrainConfig
 from .fingerprint import fingerprint, mismatch
+from .generation import context_length, encode, greedy, next_token_logits
 from .keys import KeySource, key_source
-from .layer import RoutingState, SolaLayer, linear_shape
+from .layer import SolaLayer, linear_shape
 from .models import default_layers
+from .routing import Router
 from .train import train_adapter
 
-log = logging.getLogger(__name__)
-
-
-class _Routed(Exception):
-    """Raised by the router to end a forward pass early when only the routing decision or key is wanted."""
-
-
-def cached_length(past) -> int:
-    """Tokens already in a KV cache (0 on a sequence's prompt pass)."""
-    if past is None:
-        return 0
-    if hasattr(past, "get_seq_length"):
-        return int(past.get_seq_length())
-    return int(past[0][0].shape[-2]) if len(past) else 0
-
-
-def last_positions(attention_mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:
-    """Index of each row's last real token; works for left and right padding alike."""
-    if attention_mask is None:
-        return torch.full((batch,), length - 1, dtype=torch.long, device=device)
-    steps = torch.arange(length, device=attention_mask.device)  # (T,)
-    return (attention_mask.bool() * steps).argmax(dim=1).to(device)  # (B,)
-
-
-def with_positions(enc: dict) -> dict:
-    """Position ids that skip left padding, as `generate` computes them, so a padded row's states (and key)
-    match the same prompt alone; a plain forward would otherwise count the pads."""
-    positions = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # (B, T)
-    return {**enc, "position_ids": positions}
-
-
-def context_length(model: nn.Module) -> int | None:
-    return getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-
-
-def encode(model: nn.Module, tokenizer, prompts: list[str], device) -> dict:
-    """A left-padded batch, refused when longer than the model's context."""
-    enc = tokenizer([prompts] if isinstance(prompts, str) else list(prompts), return_tensors="pt", padding=True)
-    limit = context_length(model)
-    if limit and enc["input_ids"].shape[1] > limit:
-        raise ValidationError(f"prompt is {enc['input_ids'].shape[1]} tokens; the model's context is {limit}")
-    return {k: v.to(device) for k, v in enc.items()}
-
-
-@torch.no_grad()
-def next_token_logits(model: nn.Module, enc: dict) -> torch.Tensor:
-    """(B, vocab) logits after each row's last token."""
-    return model(**with_positions(enc)).logits[:, -1]
-
-
-@torch.no_grad()
-def greedy(model: nn.Module, tokenizer, enc: dict, max_new_tokens: int, **kwargs) -> list[str]:
-    """Greedy continuations (the new text only)."""
-    limit = context_length(model)
-    if limit and enc["input_ids"].shape[1] + max_new_tokens > limit:
-        raise ValidationError(f"prompt ({enc['input_ids'].shape[1]} tokens) plus {max_new_tokens} new tokens "
-                              f"exceed the model's context of {limit}")
-    kwargs.setdefault("do_sample", False)
-    out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **kwargs)
-    return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
 class SolaEditor:
@@ -90,14 +32,13 @@ class SolaEditor:
                  keys: KeySource) -> None:
         self.registry, self.model, self.tokenizer = registry, model, tokenizer
         cfg = registry.config
-        self.keys = keys
         self.device = torch.device(runtime.device or next(model.parameters()).device)
         self.cache = AdapterCache(cfg.layers, cfg.rank, runtime.cache_slots, loader=registry.adapters,
                                   device=self.device, dtype=next(model.parameters()).dtype)
-        self.state = RoutingState(adapters=self.cache.tensors, scaling=cfg.alpha / cfg.rank)
-        self._stop: str | None = None  # "key" or "route": end the forward at the first edited layer
-        self._captured: torch.Tensor | None = None
-        registry.on_change(self._on_change)
+        for spec in cfg.layers:
+            if isinstance(getattr(*parent_of(model, spec.name)), SolaLayer):
+                raise ValueError(f"{spec.name} is already patched by another SolaEditor; close that one first")
+        self.router = Router(model, registry, keys, self.cache, self.device)
         self._inject()
 
     @classmethod
@@ -109,107 +50,37 @@ class SolaEditor:
         if EditRegistry.exists(path):
             registry = EditRegistry.open(path, readonly=readonly, backend=runtime.backend, device=device,
                                          key_dtype=runtime.key_dtype)
-            names = [spec.name for spec in registry.config.layers]
-            try:
-                problem = mismatch(registry.config.fingerprint, fingerprint(model, names))
-            except (AttributeError, TypeError) as e:  # the model lacks the registry's layers altogether
-                problem = f"the model has no edited layer {names}: {e}"
-            try:
-                if problem:
-                    raise ConfigMismatch(f"registry at {path} belongs to another model: {problem}")
-                keys = key_source(registry.config.key_source, tokenizer, runtime.encoder_dtype)
-            except Exception:
-                registry.close()
-                raise
+            keys = None
         else:
             config = config or EditConfig()
             keys = key_source(config.key_source, tokenizer, runtime.encoder_dtype)  # built once: the encoder source loads a model
             registry = EditRegistry.create(path, registry_config(model, config, keys),
                                            backend=runtime.backend, device=device, key_dtype=runtime.key_dtype)
-        return cls(registry, model, tokenizer, runtime, keys)
+        try:
+            if keys is None:
+                check_model(registry, model, path)
+                keys = key_source(registry.config.key_source, tokenizer, runtime.encoder_dtype)
+            return cls(registry, model, tokenizer, runtime, keys)
+        except BaseException:
+            registry.close()
+            raise
 
     # -- injection -------------------------------------------------------------------------------
     def _inject(self) -> None:
         for i, spec in enumerate(self.registry.config.layers):
-            parent_name, _, child = spec.name.rpartition(".")
-            parent = self.model.get_submodule(parent_name)
-            base = getattr(parent, child)
-            if isinstance(base, SolaLayer):
-                raise ValueError(f"{spec.name} is already patched by another SolaEditor; close that one first")
-            router = self._route if i == 0 else None  # layers are in forward order: the first one decides
-            setattr(parent, child, SolaLayer(base, i, self.state, router))
-        self._hook = self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+            parent, child = parent_of(self.model, spec.name)
+            route = self.router.decide if i == 0 else None  # layers are in forward order: the first one decides
+            setattr(parent, child, SolaLayer(getattr(parent, child), i, self.router.state, route))
 
     def unwrap(self) -> nn.Module:
         """Put the original linears back; the model is then exactly the object it was before `open`."""
         for spec in self.registry.config.layers:
-            parent_name, _, child = spec.name.rpartition(".")
-            parent = self.model.get_submodule(parent_name)
+            parent, child = parent_of(self.model, spec.name)
             layer = getattr(parent, child)
             if isinstance(layer, SolaLayer):
                 setattr(parent, child, layer.base_layer)
-        self._hook.remove()
+        self.router.remove()
         return self.model
-
-    # -- routing (per forward) -------------------------------------------------------------------
-    def _before_forward(self, module, args, kwargs) -> None:
-        """On a sequence's prompt pass, note where each row's prompt ends; decode steps keep the decision."""
-        if self.state.forced is not None or cached_length(kwargs.get("past_key_values")) > 0:
-            return
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        shaped = input_ids if input_ids is not None else kwargs["inputs_embeds"]
-        mask = kwargs.get("attention_mask")
-        self.registry.refresh()  # edits made by other processes since the last forward
-        self.state.clear()
-        self.state.positions = last_positions(mask, shaped.shape[0], shaped.shape[1], self.device)
-        self.state.precomputed = self.keys.before_forward(input_ids, mask)
-        self.state.decide = True
-
-    def _route(self, x: torch.Tensor) -> None:
-        """The first edited layer's decision: nearest active key per row, an edit only within the threshold."""
-        s = self.state
-        s.decide = False
-        query = self.keys.query(x, s.positions, s.precomputed).detach().float()  # (B, d)
-        if self._stop == "key":
-            self._captured = query
-            raise _Routed
-        ids = self.registry.match(query).to(x.device)  # (B,), -1 = no edit
-        rows = (ids >= 0).nonzero().flatten()  # (m,)
-        try:
-            slots = self.cache.slots(ids[rows].tolist()) if rows.numel() else None
-        except CorruptEdit:  # a stored key or adapter fails its check: never apply it
-            ids = self._drop_corrupt(ids)
-            rows = (ids >= 0).nonzero().flatten()
-            slots = self.cache.slots(ids[rows].tolist()) if rows.numel() else None
-        s.edit_ids, s.rows = ids, rows
-        s.slots = slots.to(x.device) if slots is not None else None
-        if self._stop == "route":
-            raise _Routed
-
-    def _drop_corrupt(self, ids: torch.Tensor) -> torch.Tensor:
-        """Unroute rows whose edit fails its integrity check: they get the base output, and it is logged."""
-        for edit_id in [i for i in set(ids[ids >= 0].tolist()) if i not in self.cache]:
-            try:
-                self.registry.adapters([edit_id])
-            except CorruptEdit as e:
-                log.warning("edit %d not applied, serving the base output instead: %s", edit_id, e)
-                ids = torch.where(ids == edit_id, torch.full_like(ids, -1), ids)
-        return ids
-
-    def _on_change(self, event: dict) -> None:
-        for edit_id in event.get("deactivated", []):
-            self.cache.evict(edit_id)
-
-    def _run_until_routed(self, enc: dict, stop: str) -> None:
-        """Forward only as far as the first edited layer: enough for a key ("key") or a decision ("route")."""
-        self._stop = stop
-        try:
-            with torch.no_grad():
-                self.model(**with_positions(enc))
-        except _Routed:
-            pass
-        finally:
-            self._stop = None
 
     # -- public API ------------------------------------------------------------------------------
     def encode(self, prompts: list[str]) -> dict:
@@ -223,30 +94,34 @@ class SolaEditor:
         target_ids = self.tokenizer(target, add_special_tokens=False, return_tensors="pt")["input_ids"].to(self.device)
         full = torch.cat([prompt_ids, target_ids], dim=1)  # (1, P + n)
         key = self.key(prompt)
-        shapes = [(spec.in_features, spec.out_features) for spec in self.registry.config.layers]
         cfg = self.registry.config
-        adapter, info = train_adapter(self.model, self.state, shapes, full, target_ids.shape[1],
+        shapes = [(spec.in_features, spec.out_features) for spec in cfg.layers]
+        adapter, info = train_adapter(self.model, self.router.state, shapes, full, target_ids.shape[1],
                                       cfg.rank, cfg.alpha, train or TrainConfig())
         return self.registry.add(prompt, target, key.cpu().numpy(), adapter, info)
 
     def key(self, prompt: str) -> torch.Tensor:
         """The routing key `prompt` gets (the same vector it is queried with when served)."""
-        self._run_until_routed(self.encode([prompt]), "key")
-        key, self._captured = self._captured[0], None
-        return key
+        return self.router.queries(self.encode([prompt]))[0]
 
     def route(self, prompts: list[str]) -> list[int | None]:
-        """The edit that fires for each prompt, or None; runs the model only up to the first edited layer."""
-        self._run_until_routed(self.encode(prompts), "route")
-        return [None if i < 0 else i for i in self.state.edit_ids.tolist()]
+        """The edit that fires for each prompt, or None. With the encoder key no language model runs; with the
+        layer key the model runs only up to the first edited layer."""
+        return self.router.route(self.router.queries(self.encode(prompts)))
 
     def logits(self, prompts: list[str]) -> torch.Tensor:
         """(B, vocab) next-token logits after each prompt, as served (routed edits applied)."""
         return next_token_logits(self.model, self.encode(prompts))
 
     def generate(self, prompts: list[str], max_new_tokens: int = 20, **kwargs) -> list[str]:
-        """Greedy continuations; each sequence keeps the edit its prompt was routed to for every new token."""
+        """Greedy continuations (`kwargs` go to `model.generate`); each sequence keeps the edit its prompt was
+        routed to for every new token, and `routed()` then says which edit that was."""
         return greedy(self.model, self.tokenizer, self.encode(prompts), max_new_tokens, **kwargs)
+
+    def routed(self) -> list[int | None]:
+        """The edit each row of the last served batch (`generate`, `logits`, or any forward of the model) was
+        routed to; None where the base model served it."""
+        return self.router.routed()
 
     def rollback(self, edit_id: int) -> Record:
         """Take an edit out of routing; its prompt then behaves exactly as before it (or as its previous version)."""
@@ -269,6 +144,23 @@ class SolaEditor:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def parent_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """The module holding submodule `name`, and its attribute name there."""
+    parent_name, _, child = name.rpartition(".")
+    return model.get_submodule(parent_name), child
+
+
+def check_model(registry: EditRegistry, model: nn.Module, path) -> None:
+    """Refuse (ConfigMismatch) a model other than the one the registry's adapters and keys were made on."""
+    names = [spec.name for spec in registry.config.layers]
+    try:
+        problem = mismatch(registry.config.fingerprint, fingerprint(model, names))
+    except (AttributeError, TypeError) as e:  # the model lacks the registry's layers altogether
+        problem = f"the model has no edited layer {names}: {e}"
+    if problem:
+        raise ConfigMismatch(f"registry at {path} belongs to another model: {problem}")
 
 
 def check_edit(model: nn.Module, tokenizer, prompt: str, target: str) -> None:

@@ -1,8 +1,9 @@
 """Where routing keys and queries come from.
 
-A key source turns one forward pass into one vector per row. The same source makes the key when an edit is
-stored and the query when an input is served, so an input routes to an edit when the two vectors are close.
-The vector is always searched inside the first edited layer; only where it comes from differs.
+A key source turns a prompt into one vector. The same source makes the key when an edit is stored and the query
+when an input is served, so an input routes to an edit when the two vectors are close. In a served forward the
+vector is searched inside the first edited layer; only where it comes from differs: the prompt's text (known
+before the model runs, so `SolaEditor.key` and `route` need no language model) or the layer's own input.
 """
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ class KeySource(Protocol):
     def dim(self, first_layer_in: int) -> int:
         """Length of the key vector, given the first edited layer's input width."""
 
-    def before_forward(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
-        """Called on a sequence's prompt pass before the model runs; may return the (B, d) queries up front."""
+    def from_tokens(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The (B, d) queries of a prompt from its tokens alone, or None when they need the model's states."""
 
     def query(self, x: torch.Tensor, positions: torch.Tensor, precomputed: torch.Tensor | None) -> torch.Tensor:
         """(B, d) queries, from the first edited layer's input x (B, T, in) at each row's last prompt token."""
@@ -38,7 +39,7 @@ class LayerKey:
     def dim(self, first_layer_in: int) -> int:
         return first_layer_in
 
-    def before_forward(self, input_ids, attention_mask):
+    def from_tokens(self, input_ids, attention_mask):
         return None
 
     def query(self, x, positions, precomputed):
@@ -112,7 +113,7 @@ class EncoderKey:
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B, d)
         return F.normalize(pooled, dim=-1)
 
-    def before_forward(self, input_ids, attention_mask):
+    def from_tokens(self, input_ids, attention_mask):
         if input_ids is None:
             raise ValueError("the encoder key source needs input_ids (not inputs_embeds) to read the prompt")
         rows = input_ids if attention_mask is None else [ids[m.bool()] for ids, m in zip(input_ids, attention_mask)]

@@ -5,30 +5,13 @@ decided once per sequence by the router (routing.py) and shared by every edited 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-
-@dataclass
-class RoutingState:
-    """Per-batch decision shared by all edited layers of one model (not a module: holds no parameters)."""
-
-    positions: torch.Tensor | None = None  # (B,) index of each row's last real prompt token
-    precomputed: torch.Tensor | None = None  # (B, d) queries a key source computed before the forward
-    decide: bool = False  # set by the model pre-hook on a sequence's first (prompt) pass
-    edit_ids: torch.Tensor | None = None  # (B,) edit id per row, -1 = none
-    rows: torch.Tensor | None = None  # (m,) rows that have an edit
-    slots: torch.Tensor | None = None  # (m,) cache slot of each such row's adapter
-    adapters: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None  # layer -> stacked (A, B)
-    scaling: float = 1.0
-    forced: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # adapter being trained, applied to every row
-
-    def clear(self) -> None:
-        self.edit_ids = self.rows = self.slots = None
+from .routing import RoutingState
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
@@ -48,13 +31,13 @@ class SolaLayer(nn.Module):
     """
 
     def __init__(self, base_layer: nn.Module, index: int, state: RoutingState,
-                 router: Callable[[torch.Tensor], None] | None = None) -> None:
+                 route: Callable[[torch.Tensor], None] | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = linear_shape(base_layer)
         self.base_layer = base_layer
         self.index = index  # position in the registry's layer list
         self.state = state
-        self.router = router  # only the first edited layer routes; the others reuse its decision
+        self.route = route  # only the first edited layer routes (Router.decide); the others reuse its decision
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)  # (B, T, out)
@@ -62,8 +45,15 @@ class SolaLayer(nn.Module):
         if s.forced is not None:  # training one edit: its adapter on every row
             A, B = s.forced[self.index]  # (r, in), (out, r)
             return out + s.scaling * (x @ A.to(x.dtype).T @ B.to(x.dtype).T)
-        if self.router is not None and s.decide:
-            self.router(x)
+        if x.dim() == 2 and s.positions is not None:  # OPT flattens (B, T, in) to (B * T, in) around its MLP
+            return self._routed(x.view(s.positions.shape[0], -1, x.shape[-1]), out.view(s.positions.shape[0], -1,
+                                out.shape[-1])).flatten(0, 1)
+        return self._routed(x, out)
+
+    def _routed(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        s = self.state
+        if self.route is not None and s.decide:
+            self.route(x)
         if s.rows is None or s.rows.numel() == 0:
             return out  # no edit matched: exactly the base output
         if x.shape[0] != s.edit_ids.shape[0]:

@@ -10,8 +10,6 @@ from torch import nn
 
 DEFAULT_MODEL = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# The MLP output projection of each block, per architecture: the paper edits these in late blocks.
-MLP_OUT = ("mlp.down_proj", "mlp.c_proj", "mlp.fc2", "mlp.dense_4h_to_h")
 
 
 class ModelLoadError(Exception):
@@ -57,8 +55,8 @@ def load_model(name_or_path: str | None = None, device: str = "cpu"):
         raise ModelLoadError(f"no model directory at {name} (give a local transformers model dir or '{DEFAULT_MODEL}')")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)  # never pickle
-        model = model.to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)  # never pickle
+        model = model.to(device=device, dtype=torch.float32).eval()  # (the keyword for a dtype differs by release)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load a causal LM from {path}: {e}") from e
     prepare_tokenizer(tokenizer)
@@ -73,8 +71,46 @@ def prepare_tokenizer(tokenizer) -> None:
 
 
 def default_layers(model: nn.Module) -> list[str]:
-    """One late block's MLP output projection (at 80% depth), the paper's choice of edited layer."""
-    names = [n for n, _ in model.named_modules() if n.endswith(MLP_OUT)]
-    if not names:
-        raise ValueError("cannot find MLP output projections in this model; pass the layer names explicitly")
-    return [names[min(len(names) - 1, int(len(names) * 0.8))]]
+    """One late block's MLP output projection (at 80% depth), the paper's choice of edited layer.
+
+    Found by shape, not by name, so that every decoder family is covered: the blocks are the model's largest
+    ModuleList, and a block's MLP output projection is the linear that maps its widest input back to the model's
+    width (down_proj, c_proj, fc2, fc_out, dense_4h_to_h, ...; attention projections are narrower)."""
+    prefix, blocks = decoder_blocks(model)
+    width = model_width(model)
+    names = [mlp_output(block, width) for block in blocks]
+    if None in names:
+        raise ValueError("cannot find an MLP output projection in every block of this model; "
+                         "pass the layer names explicitly")
+    i = min(len(names) - 1, int(len(names) * 0.8))
+    return [f"{prefix}.{i}.{names[i]}"]
+
+
+def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(name, blocks): the ModuleList holding most of the model's parameters."""
+    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
+    if not lists:
+        raise ValueError("cannot find this model's blocks (no nn.ModuleList); pass the layer names explicitly")
+    return max(lists, key=lambda item: sum(p.numel() for p in item[1].parameters()))
+
+
+def model_width(model: nn.Module) -> int:
+    cfg = getattr(model, "config", None)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    width = getattr(cfg, "hidden_size", None)
+    return int(width) if width else model.get_input_embeddings().embedding_dim
+
+
+def mlp_output(block: nn.Module, width: int) -> str | None:
+    """Name (within `block`) of the linear with output `width` and the widest input; the last of equals."""
+    from .layer import linear_shape  # imports transformers: not when the admin CLI only reads DEFAULT_MODEL
+
+    best, best_in = None, 0
+    for name, module in block.named_modules():
+        try:
+            in_f, out_f = linear_shape(module)
+        except TypeError:  # not a linear
+            continue
+        if out_f == width and in_f >= best_in:
+            best, best_in = name, in_f
+    return best

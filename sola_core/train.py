@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .config import TrainConfig
-from .layer import RoutingState
+from .routing import RoutingState
 
 
 def new_adapter(shapes: list[tuple[int, int]], rank: int, seed: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -59,11 +59,8 @@ def train_adapter(model: nn.Module, state: RoutingState, shapes: list[tuple[int,
                   n_target: int, rank: int, alpha: float, cfg: TrainConfig) -> tuple[dict[str, torch.Tensor], dict]:
     """A fresh adapter, forced on while it trains (only it: earlier edits are not routed), then frozen."""
     params = new_adapter(shapes, rank, cfg.seed, input_ids.device)
-    state.scaling, state.forced = alpha / rank, params
-    try:
+    with state.forcing(params, alpha / rank):
         info = fit(model, input_ids, n_target, [p for pair in params for p in pair], cfg)
-    finally:
-        state.forced = None
     adapter = {}
     for i, (A, B) in enumerate(params):
         adapter[f"{i}.A"] = A.detach().float().cpu().contiguous()

@@ -64,3 +64,10 @@ def llama(tokenizer) -> torch.nn.Module:
     if "llama" not in _MODELS:
         _MODELS["llama"] = make_model("llama", len(tokenizer))
     return copy.deepcopy(_MODELS["llama"])
+
+
+def pytest_report_header(config) -> str:
+    """The releases under test, first in every run's output: a new transformers release is what breaks us."""
+    import transformers
+
+    return f"torch {torch.__version__}, transformers {transformers.__version__}"

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from sola_core.config import TrainConfig
-from sola_core.editor import cached_length, last_positions
+from sola_core.routing import Prompt, PromptPasses
 from sola_core.train import fit
 
 from .served import Served
@@ -67,16 +67,13 @@ class Grace(Served):
         parent = model.get_submodule(parent_name)
         self.layer = GraceLayer(getattr(parent, child))
         setattr(parent, child, self.layer)
-        model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+        self.passes = PromptPasses(model, self._on_prompt)  # the codebook decides on each prompt pass
         self.eps_init = eps_init
         self.train = train or TrainConfig(lr=1.0, max_steps=100)  # the paper's value optimizer: Adam, lr 1.0
         self.trainable = self.layer.base_layer.weight.shape[0]  # one value vector per edit (out features)
 
-    def _before_forward(self, module, args, kwargs) -> None:
-        if cached_length(kwargs.get("past_key_values")) > 0:
-            return
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        self.layer.positions = last_positions(kwargs.get("attention_mask"), ids.shape[0], ids.shape[1], ids.device)
+    def _on_prompt(self, prompt: Prompt) -> None:
+        self.layer.positions = prompt.last_positions()
         self.layer.decide = True
 
     @torch.no_grad()

@@ -5,11 +5,25 @@ weights, so later edits overwrite earlier ones and every input, edited or not, s
 """
 from __future__ import annotations
 
+import torch
+from torch import nn
+
 from sola_core.config import TrainConfig
-from sola_core.layer import RoutingState, SolaLayer, linear_shape
+from sola_core.layer import linear_shape
 from sola_core.train import fit, new_adapter
 
 from .served import Served
+
+
+class SharedLoRA(nn.Module):
+    """One LoRA adapter on a frozen linear, applied to every input: `base(x) + scaling * B A x`."""
+
+    def __init__(self, base: nn.Module, A: torch.Tensor, B: torch.Tensor, scaling: float) -> None:
+        super().__init__()
+        self.base_layer, self.A, self.B, self.scaling = base, A, B, scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x) + self.scaling * (x @ self.A.T @ self.B.T)
 
 
 class SequentialLoRA(Served):
@@ -22,8 +36,7 @@ class SequentialLoRA(Served):
         parent = model.get_submodule(parent_name)
         base = getattr(parent, child)
         self.params = new_adapter([linear_shape(base)], rank, seed=0, device=self.device)
-        state = RoutingState(scaling=alpha / rank, forced=self.params)  # always on, for every input
-        setattr(parent, child, SolaLayer(base, 0, state))
+        setattr(parent, child, SharedLoRA(base, *self.params[0], scaling=alpha / rank))
         self.train, self.count = train or TrainConfig(), 0
         self.trainable = rank * sum(linear_shape(base))
 

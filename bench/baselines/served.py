@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from sola_core.editor import encode, greedy, next_token_logits
+from sola_core.generation import encode, greedy, next_token_logits
 
 
 class Served:

@@ -215,13 +215,13 @@ class View:
 def check_round(editor: SolaEditor, view: View, prompts: list, checked: list[int]) -> list[str]:
     """One batched generation: each row must route exactly as the view says, and produce the target."""
     outputs = editor.generate(prompts, max_new_tokens=2)
-    routed = editor.state.edit_ids.tolist()
+    routed = editor.routed()
     expected = {view.record(i).prompt: i for i in view.active}
     errors = []
     for prompt, edit_id, output in zip(prompts, routed, outputs):
-        if edit_id != expected.get(prompt, -1):
-            errors.append(f"{prompt!r} routed to {edit_id}, but the active edit is {expected.get(prompt, -1)}")
-        elif edit_id >= 0 and view.record(edit_id).info.get("margin", 0) >= FIT.margin:
+        if edit_id != expected.get(prompt):
+            errors.append(f"{prompt!r} routed to {edit_id}, but the active edit is {expected.get(prompt)}")
+        elif edit_id is not None and view.record(edit_id).info.get("margin", 0) >= FIT.margin:
             target = view.record(edit_id).target
             first = editor.tokenizer.decode(editor.tokenizer(target, add_special_tokens=False)["input_ids"][:1])
             checked[0] += 1
@@ -291,7 +291,7 @@ def serve(model_dir: str, path: str) -> None:
     for line in sys.stdin:
         request = json.loads(line)
         outputs = editor.generate(request["prompts"], max_new_tokens=request.get("max_new_tokens", 2))
-        routed = [None if i < 0 else i for i in editor.state.edit_ids.tolist()]
+        routed = editor.routed()
         logits = editor.logits(request["prompts"][:1])[0].tolist()
         if index is None:
             index = editor.registry._index  # the first build; later forwards only replay the log into it

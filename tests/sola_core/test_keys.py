@@ -27,7 +27,7 @@ def test_layer_key_takes_each_rows_last_prompt_token():
 def test_encoder_embeds_the_unpadded_prompt_text(encoder, tokenizer):
     prompts = ["The capital of France is", "Hi"]
     enc = tokenizer(prompts, return_tensors="pt", padding=True)
-    queries = encoder.before_forward(enc["input_ids"], enc["attention_mask"])
+    queries = encoder.from_tokens(enc["input_ids"], enc["attention_mask"])
     assert queries.shape == (2, 384) and encoder.dim(64) == 384
     assert torch.allclose(queries, encoder.embed(prompts), atol=1e-5)
     assert torch.allclose(queries.norm(dim=1), torch.ones(2))

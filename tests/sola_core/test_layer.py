@@ -4,7 +4,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from sola_core.layer import RoutingState, SolaLayer, linear_shape
+from sola_core.layer import SolaLayer, linear_shape
+from sola_core.routing import RoutingState
 
 
 def stacked_adapters(n: int, rank: int, in_f: int, out_f: int, seed: int = 0):
@@ -12,12 +13,10 @@ def stacked_adapters(n: int, rank: int, in_f: int, out_f: int, seed: int = 0):
     return torch.randn(n, rank, in_f, generator=g), torch.randn(n, out_f, rank, generator=g)  # (S, r, in), (S, out, r)
 
 
-def routed(state: RoutingState, slot_per_row: list[int | None], A, B) -> None:
+def routed(state: RoutingState, slot_per_row: list[int | None]) -> None:
     ids = torch.tensor([-1 if s is None else s for s in slot_per_row])
-    state.edit_ids = ids
-    state.rows = (ids >= 0).nonzero().flatten()
-    state.slots = ids[state.rows]
-    state.adapters = lambda layer: (A, B)
+    rows = (ids >= 0).nonzero().flatten()
+    state.routed(ids, rows, ids[rows])
 
 
 @pytest.fixture(params=["linear", "conv1d"])
@@ -46,9 +45,9 @@ def test_mixed_batch_equals_each_adapter_alone(base):
     """Rows hitting adapter 0, adapter 1 or nothing each match the single-adapter computation exactly."""
     A, B = stacked_adapters(2, 4, 8, 6)
     x = torch.randn(5, 7, 8)
-    state = RoutingState(scaling=0.5)
+    state = RoutingState(adapters=lambda layer: (A, B), scaling=0.5)
     layer = SolaLayer(base, 0, state)
-    routed(state, [0, None, 1, 1, None], A, B)
+    routed(state, [0, None, 1, 1, None])
     out = layer(x)
     for row, slot in enumerate([0, None, 1, 1, None]):
         expected = base(x[row:row + 1])
@@ -61,20 +60,22 @@ def test_mixed_batch_equals_each_adapter_alone(base):
 
 def test_forced_adapter_applies_to_every_row(base):
     A, B = torch.randn(2, 8), torch.randn(6, 2)
-    state = RoutingState(scaling=2.0, forced=[(A, B)])
+    state = RoutingState()
     x = torch.randn(2, 3, 8)
-    assert torch.allclose(SolaLayer(base, 0, state)(x), base(x) + 2.0 * (x @ A.T @ B.T), atol=1e-6)
+    with state.forcing([(A, B)], scaling=2.0):
+        assert torch.allclose(SolaLayer(base, 0, state)(x), base(x) + 2.0 * (x @ A.T @ B.T), atol=1e-6)
+    assert torch.equal(SolaLayer(base, 0, state)(x), base(x)) and state.scaling == 1.0
 
 
 def test_router_runs_once_then_decision_is_reused(base):
     A, B = stacked_adapters(1, 2, 8, 6)
-    state = RoutingState(decide=True)
+    state = RoutingState(adapters=lambda layer: (A, B))
+    state.pending(torch.tensor([3, 3]), None)
     calls = []
 
     def router(x):
         calls.append(x.shape)
-        state.decide = False
-        routed(state, [0, None], A, B)
+        routed(state, [0, None])
 
     first, second = SolaLayer(base, 0, state, router), SolaLayer(base, 1, state)
     x = torch.randn(2, 4, 8)
@@ -85,7 +86,7 @@ def test_router_runs_once_then_decision_is_reused(base):
 
 def test_batch_size_change_after_decision_is_refused(base):
     A, B = stacked_adapters(1, 2, 8, 6)
-    state = RoutingState()
-    routed(state, [0, None], A, B)
+    state = RoutingState(adapters=lambda layer: (A, B))
+    routed(state, [0, None])
     with pytest.raises(RuntimeError, match="batch of 2 rows, got 3"):
         SolaLayer(base, 0, state)(torch.randn(3, 1, 8))

@@ -1,0 +1,250 @@
+"""Which edit each row of a batch gets: decided once per sequence, on its prompt pass, and kept for its decode steps.
+
+Three parts, each small:
+- `RoutingState`, the decision every edited layer reads (only the router writes it, through its methods);
+- `PromptPasses`, which tells a sequence's prompt pass from its decode steps using only what every transformers
+  release gives: `generate` itself, the tokens and attention mask of each forward, and any cache object passed
+  (whatever its keyword), never one keyword's name;
+- `Router`, which on a prompt pass computes each row's query, finds its edit (nearest active key within the
+  threshold, tombstones respected, corrupt edits dropped) and resolves the adapters through the device cache.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from registry import AdapterCache, EditRegistry
+from registry.errors import CorruptEdit
+
+from .generation import with_positions
+from .keys import KeySource
+
+log = logging.getLogger(__name__)
+
+Adapter = list[tuple[torch.Tensor, torch.Tensor]]  # (A, B) per edited layer
+
+
+@dataclass
+class RoutingState:
+    """Per-batch decision shared by all edited layers of one model (not a module: holds no parameters)."""
+
+    adapters: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None  # layer -> stacked (A, B) of the cache
+    scaling: float = 1.0
+    positions: torch.Tensor | None = None  # (B,) index of each row's last real prompt token
+    precomputed: torch.Tensor | None = None  # (B, d) queries a key source computed before the forward
+    decide: bool = False  # a prompt pass is under way: the first edited layer decides
+    edit_ids: torch.Tensor | None = None  # (B,) edit id per row, -1 = none
+    rows: torch.Tensor | None = None  # (m,) rows that have an edit
+    slots: torch.Tensor | None = None  # (m,) cache slot of each such row's adapter
+    forced: Adapter | None = None  # adapter being trained, applied to every row
+
+    def pending(self, positions: torch.Tensor, precomputed: torch.Tensor | None) -> None:
+        """A prompt pass begins: forget the last decision; the first edited layer makes the next one."""
+        self.positions, self.precomputed, self.decide = positions, precomputed, True
+        self.edit_ids = self.rows = self.slots = None
+
+    def routed(self, edit_ids: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor | None) -> None:
+        self.edit_ids, self.rows, self.slots, self.decide = edit_ids, rows, slots, False
+
+    @contextmanager
+    def forcing(self, adapter: Adapter, scaling: float) -> Iterator[None]:
+        """Training mode: `adapter` on every row of every forward, no routing, no other edit."""
+        self.forced, self.scaling, previous = adapter, scaling, self.scaling
+        try:
+            yield
+        finally:
+            self.forced, self.scaling = None, previous
+
+
+@dataclass
+class Prompt:
+    """The new tokens of a prompt pass (a whole prompt, or a segment added to a cache) and their attention mask."""
+
+    input_ids: torch.Tensor | None  # (B, T); None when the model was given inputs_embeds
+    mask: torch.Tensor | None  # (B, T): the attention mask's columns for these tokens
+    rows: int
+    length: int  # T
+    cached: int  # tokens the model already held for these rows before them
+    device: torch.device
+
+    def last_positions(self) -> torch.Tensor:
+        """(B,) index of each row's last real token; left and right padding alike."""
+        if self.mask is None:
+            return torch.full((self.rows,), self.length - 1, dtype=torch.long, device=self.device)
+        steps = torch.arange(self.length, device=self.mask.device)  # (T,)
+        return (self.mask.bool() * steps).argmax(dim=1).to(self.device)  # (B,)
+
+
+def cache_length(value) -> int:
+    """Tokens held by a KV cache object (a `Cache`, or the legacy tuple of (key, value) per layer), else 0."""
+    if hasattr(value, "get_seq_length"):
+        return int(value.get_seq_length())
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], (tuple, list)) and value[0] \
+            and isinstance(value[0][0], torch.Tensor):
+        return int(value[0][0].shape[-2])  # (B, heads, T, head_dim)
+    return 0
+
+
+def cached_tokens(kwargs: dict, length: int, mask: torch.Tensor | None) -> int:
+    """Tokens the model already holds before this forward's `length` new ones: the attention mask covers them
+    all, and a cache passed under any keyword counts its own."""
+    counts = [cache_length(v) for v in kwargs.values()]
+    if mask is not None:
+        counts.append(mask.shape[1] - length)
+    return max(counts, default=0)
+
+
+class PromptPasses:
+    """Calls `on_prompt(prompt)` on each prompt pass of `model`; its other forwards are decode steps.
+
+    A prompt pass is
+    - inside `model.generate`, the call's first forward: greedy, sampled or beam search, with or without a cache
+      (use_cache=False re-reads the whole sequence at every step: still decode steps), and also when the caller
+      passes a cache to continue a conversation (then the new turn's tokens are the prompt);
+    - outside `generate`, every forward but one that feeds a single new token on top of a cache holding exactly
+      the sequence the last forward left (a hand-written decode loop).
+    """
+
+    def __init__(self, model: nn.Module, on_prompt: Callable[[Prompt], None]) -> None:
+        self.model, self.on_prompt = model, on_prompt
+        self._seen: tuple[int, int] | None = None  # (rows, tokens) the model holds after the last forward
+        self._calls: list[bool] = []  # per generate call under way: whether its first forward has run
+        self._hook = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+        self._shadowed = model.__dict__.get("generate")  # an instance attribute we would hide
+        original = model.generate
+
+        @functools.wraps(original)
+        def generate(*args, **kwargs):
+            self._calls.append(False)
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._calls.pop()
+
+        self._generate = model.generate = generate
+
+    def remove(self) -> None:
+        self._hook.remove()
+        if self.model.__dict__.get("generate") is self._generate:
+            if self._shadowed is None:
+                del self.model.generate
+            else:
+                self.model.generate = self._shadowed
+
+    def _before_forward(self, module, args, kwargs) -> None:
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        shaped = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+        if shaped is None:
+            return
+        rows, length = shaped.shape[0], shaped.shape[1]
+        mask = kwargs.get("attention_mask")
+        mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        cached = cached_tokens(kwargs, length, mask)
+        seen, self._seen = self._seen, (rows, cached + length)
+        if self._calls:
+            if self._calls[-1]:
+                return  # a decode step of this generate call
+            self._calls[-1] = True
+        elif cached and length == 1 and seen == (rows, cached):
+            return  # the next token of the sequence the last forward left
+        new_mask = mask[:, -length:] if mask is not None else None
+        self.on_prompt(Prompt(input_ids, new_mask, rows, length, cached, shaped.device))
+
+
+class _Captured(Exception):
+    """Ends a forward at the first edited layer when only the queries there are wanted (the layer key)."""
+
+
+class Router:
+    """Decides, once per sequence, which edit (if any) each row gets, and hands the layers its adapters."""
+
+    def __init__(self, model: nn.Module, registry: EditRegistry, keys: KeySource, cache: AdapterCache,
+                 device: torch.device) -> None:
+        self.model, self.registry, self.keys, self.cache, self.device = model, registry, keys, cache, device
+        cfg = registry.config
+        self.state = RoutingState(adapters=cache.tensors, scaling=cfg.alpha / cfg.rank)
+        self._capture = False
+        self._captured: torch.Tensor | None = None
+        registry.on_change(self._on_change)
+        self._passes = PromptPasses(model, self._on_prompt)
+
+    def remove(self) -> None:
+        self._passes.remove()
+
+    # -- in a forward ----------------------------------------------------------------------------
+    def _on_prompt(self, prompt: Prompt) -> None:
+        if self.state.forced is not None:
+            return
+        self.registry.refresh()  # edits made by other processes since the last prompt
+        self.state.pending(prompt.last_positions().to(self.device), self.keys.from_tokens(prompt.input_ids, prompt.mask))
+
+    def decide(self, x: torch.Tensor) -> None:
+        """The first edited layer's call on a prompt pass, with its input x (B, T, in)."""
+        s = self.state
+        query = self.keys.query(x, s.positions, s.precomputed).detach().float()  # (B, d)
+        if self._capture:
+            self._captured = query
+            raise _Captured
+        s.routed(*self._resolve(query, x.device))
+
+    def _resolve(self, queries: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(edit id per row or -1, routed rows, their cache slots): nearest active key within the threshold,
+        unless a tombstone is nearer; an edit whose key or adapter fails its check is never applied."""
+        ids = self.registry.match(queries).to(device)  # (B,)
+        try:
+            return self._with_slots(ids, device)
+        except CorruptEdit:
+            return self._with_slots(self._drop_corrupt(ids), device)
+
+    def _with_slots(self, ids: torch.Tensor, device):
+        rows = (ids >= 0).nonzero().flatten()  # (m,)
+        slots = self.cache.slots(ids[rows].tolist()).to(device) if rows.numel() else None
+        return ids, rows, slots
+
+    def _drop_corrupt(self, ids: torch.Tensor) -> torch.Tensor:
+        for edit_id in [i for i in set(ids[ids >= 0].tolist()) if i not in self.cache]:
+            try:
+                self.registry.adapters([edit_id])
+            except CorruptEdit as e:
+                log.warning("edit %d not applied, serving the base output instead: %s", edit_id, e)
+                ids = torch.where(ids == edit_id, torch.full_like(ids, -1), ids)
+        return ids
+
+    def _on_change(self, event: dict) -> None:
+        for edit_id in event.get("deactivated", []):
+            self.cache.evict(edit_id)
+
+    # -- outside a forward -----------------------------------------------------------------------
+    def queries(self, enc: dict) -> torch.Tensor:
+        """(B, d) routing queries of a tokenized batch. A key source that reads the prompt text (the encoder)
+        needs no language model; the layer key runs the model up to the first edited layer and no further."""
+        queries = self.keys.from_tokens(enc["input_ids"], enc.get("attention_mask"))
+        if queries is not None:
+            return queries.float()
+        self._capture = True
+        try:
+            with torch.no_grad():
+                self.model(**with_positions(self.model, enc))
+        except _Captured:
+            pass
+        finally:
+            self._capture = False
+        queries, self._captured = self._captured, None
+        return queries
+
+    def route(self, queries: torch.Tensor) -> list[int | None]:
+        """The edit each query row is routed to, or None, as a served forward would decide it."""
+        self.registry.refresh()
+        ids, _, _ = self._resolve(queries, self.device)
+        return [None if i < 0 else i for i in ids.tolist()]
+
+    def routed(self) -> list[int | None]:
+        """The edit each row of the last prompt pass was routed to (None: the base model)."""
+        ids = self.state.edit_ids
+        return [] if ids is None else [None if i < 0 else i for i in ids.tolist()]
