@@ -121,6 +121,27 @@ def adapter_cache(data: dict) -> str:
                      "p50 batches with misses", "misses / batch", "us per loaded adapter"], rows))
 
 
+def route_call(data: dict) -> str:
+    rows, calls = [], {"route": f"route() of {data['prompts']} prompts", "key": "key() of one prompt"}
+    checkouts = [c for c in ("before", "after") if c in data["machine"]]
+    for r in data["rows"]:
+        if r["call"] == "edit":
+            continue
+        cells = [ms(r[c]["p50_ms"]) for c in checkouts]
+        ratio = f"{r['after_over_before']['ratio_median']:.3f}" if "after_over_before" in r else "-"
+        rows.append([r["key_source"], calls[r["call"]], *cells, ratio])
+    edits = {}
+    for r in data["rows"]:
+        if r["call"] == "edit":
+            edits.setdefault(r["key_source"], {}).update(r)
+    for ks, r in edits.items():
+        rows.append([ks, f"edit, median of {data['edits']} (s)",
+                     *[f"{r[c + '_edit_seconds_median']:.2f}" for c in checkouts], "-"])
+    revisions = ", ".join(f"{c} = {data['machine'][c][:7]}" for c in checkouts)
+    return (f"{revisions}; {data['rounds']} interleaved rounds; cells: p50 ms (edit: seconds).\n\n"
+            + table(["key source", "call", *checkouts, "after / before (median of rounds)"], rows))
+
+
 def headline(out: Path) -> str:
     rows = []
     for name in ("forward", "forward-layer"):
@@ -161,6 +182,12 @@ def headline(out: Path) -> str:
         r = pp["rows"][-1]
         rows.append([f"vs PEFT at {n_str(r['n'])} adapters: forward time / memory", f"{r['forward']['sola_over_peft']['ratio_median']:.3f}"
                      f" / {r['memory']['sola_over_peft']:.2f}", "", ""])
+    if rc := load(out, "route_call"):
+        for r in rc["rows"]:
+            if r["call"] == "route" and "after_over_before" in r:
+                rows.append([f"route() of {rc['prompts']} prompts, {r['key_source']} key, p50: before / after "
+                             f"({rc['machine']['before'][:7]} / {rc['machine']['after'][:7]})",
+                             f"{ms(r['before']['p50_ms'])} / {ms(r['after']['p50_ms'])} ms", "", ""])
     return table(["measure", "value", "target", ""], rows)
 
 
@@ -173,7 +200,7 @@ def main() -> None:
         print(headline(args.out))
         return
     for name, render in (("routing", routing), ("forward", forward), ("forward-layer", forward), ("peft_peer", peft),
-                         ("registry_ops", registry_ops), ("adapter_cache", adapter_cache)):
+                         ("registry_ops", registry_ops), ("adapter_cache", adapter_cache), ("route_call", route_call)):
         data = load(args.out, name)
         if data:
             print(f"### {name}\n\n{machine_line(data)}\n\n{render(data)}\n")
