@@ -18,6 +18,7 @@ EDITS = [
 PARAPHRASE = "The capital city of France is"  # a rewording of the first edit
 NEIGHBOUR = "The capital of Germany is"  # same relation, other subject: must keep its answer
 UNRELATED = "The chemical symbol for gold is"
+CHAT_QUESTION = "What is the capital of France?"  # asked through the model's chat template
 
 
 def run_demo(model_name: str | None = None, echo: Callable[[str], None] | None = print, max_new_tokens: int = 6) -> dict:
@@ -28,13 +29,20 @@ def run_demo(model_name: str | None = None, echo: Callable[[str], None] | None =
     model, tokenizer = load_model(model_name)
     timings["load_model_s"] = time.perf_counter() - start
     prompts = [p for p, _ in EDITS] + [PARAPHRASE, NEIGHBOUR, UNRELATED]
+    shown = list(prompts)  # how each prompt is printed
+    chat = None
+    if tokenizer.chat_template:
+        chat = tokenizer.apply_chat_template([{"role": "user", "content": CHAT_QUESTION}], tokenize=False,
+                                             add_generation_prompt=True)
+        prompts.append(chat)
+        shown.append(f"[chat template] {CHAT_QUESTION} ->")
     with tempfile.TemporaryDirectory() as tmp, SolaEditor.open(f"{tmp}/registry", model, tokenizer) as editor:
         say(f"model {model_name or 'smollm2'} loaded in {timings['load_model_s']:.1f} s; "
             f"editing {editor.registry.config.layers[0].name}")
         before = editor.generate(prompts, max_new_tokens)
         logits_before = editor.logits([EDITS[0][0]])
         say("\nBefore editing:")
-        for p, out in zip(prompts, before):
+        for p, out in zip(shown, before):
             say(f"  {p}{out!r}")
 
         ids, edit_seconds = [], []
@@ -50,15 +58,18 @@ def run_demo(model_name: str | None = None, echo: Callable[[str], None] | None =
         timings["generate_batch_s"] = time.perf_counter() - t0
         routes = editor.route(prompts)
         say("\nAfter editing (one batch; [edit id] that fired):")
-        for p, out, r in zip(prompts, after, routes):
+        for p, out, r in zip(shown, after, routes):
             say(f"  [{'-' if r is None else r}] {p}{out!r}")
 
         threshold = editor.registry.config.threshold
         distances = {}
-        for label, prompt in (("paraphrase", PARAPHRASE), ("neighbour", NEIGHBOUR)):
+        probes = [("paraphrase", PARAPHRASE, PARAPHRASE), ("neighbour", NEIGHBOUR, NEIGHBOUR)]
+        if chat is not None:
+            probes.append(("chat question", chat, CHAT_QUESTION))
+        for label, prompt, text in probes:
             dist, nearest = editor.registry.nearest(editor.key(prompt)[None])
             distances[label] = float(dist[0])
-            say(f"{label} {prompt!r}: nearest edit {int(nearest[0])} at key distance {float(dist[0]):.3f} "
+            say(f"{label} {text!r}: nearest edit {int(nearest[0])} at key distance {float(dist[0]):.3f} "
                 f"({'routes' if dist[0] <= threshold else 'does not route'}: threshold {threshold})")
 
         editor.rollback(ids[0])
