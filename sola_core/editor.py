@@ -14,6 +14,7 @@ from torch import nn
 from registry import AdapterCache, EditRegistry, LayerSpec, Record, RegistryConfig
 from registry.errors import ConfigMismatch, ValidationError
 
+from .chat import chat_prompt, chat_reply
 from .config import EditConfig, RuntimeConfig, TrainConfig
 from .fingerprint import fingerprint, mismatch
 from .generation import context_length, encode, greedy, next_token_logits
@@ -90,15 +91,33 @@ class SolaEditor:
     def edit(self, prompt: str, target: str, train: TrainConfig | None = None) -> int:
         """Teach the model `prompt` -> `target` with a new frozen adapter; returns the new edit id."""
         check_edit(self.model, self.tokenizer, prompt, target)
-        prompt_ids = self.encode([prompt])["input_ids"]  # (1, P)
-        target_ids = self.tokenizer(target, add_special_tokens=False, return_tensors="pt")["input_ids"].to(self.device)
-        full = torch.cat([prompt_ids, target_ids], dim=1)  # (1, P + n)
+        train = train or TrainConfig()
         key = self.key(prompt)
         cfg = self.registry.config
         shapes = [(spec.in_features, spec.out_features) for spec in cfg.layers]
-        adapter, info = train_adapter(self.model, self.router.state, shapes, full, target_ids.shape[1],
-                                      cfg.rank, cfg.alpha, train or TrainConfig())
+        adapter, info = train_adapter(self.model, self.router.state, shapes, self._examples(prompt, target, train),
+                                      cfg.rank, cfg.alpha, train)
         return self.registry.add(prompt, target, key.cpu().numpy(), adapter, info)
+
+    def _examples(self, prompt: str, target: str, train: TrainConfig) -> list[tuple[torch.Tensor, int]]:
+        """What one edit's adapter is trained on: the prompt then the target (and the end-of-sequence token), and
+        the same fact as a chat exchange in the model's template (the reply ends with its end-of-turn marker)."""
+        tok, limit = self.tokenizer, context_length(self.model)
+        target_ids = tok(target, add_special_tokens=False)["input_ids"]
+        end = [tok.eos_token_id] if train.end_token and tok.eos_token_id is not None else []
+        if limit and len(tok(prompt)["input_ids"]) + len(target_ids) + len(end) > limit:
+            end = []  # the edit fills the context exactly: nothing can follow it anyway
+        pairs = [(prompt, target_ids + end)]
+        if train.chat_form and getattr(tok, "chat_template", None):
+            reply = chat_reply(tok, prompt, target.strip())
+            if reply is not None:
+                pairs.append((chat_prompt(tok, prompt), tok(reply, add_special_tokens=False)["input_ids"]))
+        examples = []
+        for text, answer_ids in pairs:
+            ids = torch.tensor([tok(text)["input_ids"] + answer_ids], device=self.device)
+            if not examples or not limit or ids.shape[1] <= limit:  # a chat form too long for the context is left out
+                examples.append((ids, len(answer_ids)))
+        return examples
 
     def key(self, prompt: str) -> torch.Tensor:
         """The routing key `prompt` gets (the same vector it is queried with when served)."""

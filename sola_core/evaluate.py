@@ -126,13 +126,13 @@ def evaluate_sola(model, tokenizer, facts: list[Fact], path: str, config=None, t
                     "trainable_params_per_edit": sum(cfg.rank * (s.in_features + s.out_features) for s in cfg.layers)}
 
         return evaluate(
-            _Sola(editor, train), facts, seed=seed, rollback=editor.rollback, route=editor.route, stats=stats,
+            SolaMethod(editor, train), facts, seed=seed, rollback=editor.rollback, route=editor.route, stats=stats,
             progress=progress,
             target_tokens=lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]),
         )
 
 
-class _Sola:
+class SolaMethod:
     """SolaEditor seen through the harness's Method protocol (training settings bound)."""
 
     def __init__(self, editor, train) -> None:

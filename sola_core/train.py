@@ -31,18 +31,30 @@ def target_margin(logits: torch.Tensor, targets: torch.Tensor) -> float:
     return (picked - others).min().item()
 
 
-def fit(model: nn.Module, input_ids: torch.Tensor, n_target: int, params: list[torch.Tensor],
-        cfg: TrainConfig) -> dict:
-    """Adam on `params` until `input_ids` (1, T) — prompt then n_target target tokens — is predicted.
+Example = tuple[torch.Tensor, int]  # (1, T) token ids, prompt then target; how many of them are the target
+
+
+def fit(model: nn.Module, examples: list[Example], params: list[torch.Tensor], cfg: TrainConfig) -> dict:
+    """Adam on `params` until every example's target is predicted after its prompt (one batch, right-padded,
+    so each row keeps its own positions).
 
     Teacher-forced argmax equal to the target at every target position means greedy generation produces
-    exactly the target, so training stops as soon as that holds with `cfg.margin` to spare.
+    exactly the target, so training stops as soon as that holds for every example with `cfg.margin` to spare.
     """
+    lengths = [ids.shape[1] for ids, _ in examples]
+    batch = torch.zeros(len(examples), max(lengths), dtype=torch.long, device=examples[0][0].device)
+    mask = torch.zeros_like(batch)
+    rows, positions = [], []
+    for i, ((ids, n), length) in enumerate(zip(examples, lengths)):
+        batch[i, :length], mask[i, :length] = ids[0], 1
+        rows += [i] * n
+        positions += range(length - n - 1, length - 1)  # each target token is predicted one position earlier
+    rows, positions = torch.tensor(rows, device=batch.device), torch.tensor(positions, device=batch.device)
+    targets = batch[rows, positions + 1]  # (N,)
     opt = torch.optim.Adam(params, lr=cfg.lr)
-    targets = input_ids[0, -n_target:]  # (n,)
     start, steps = time.perf_counter(), 0
     while True:
-        logits = model(input_ids=input_ids).logits[0, -n_target - 1:-1].float()  # (n, vocab)
+        logits = model(input_ids=batch, attention_mask=mask).logits[rows, positions].float()  # (N, vocab)
         margin = target_margin(logits.detach(), targets)
         loss = F.cross_entropy(logits, targets)
         if margin >= cfg.margin or steps >= cfg.max_steps:
@@ -52,15 +64,16 @@ def fit(model: nn.Module, input_ids: torch.Tensor, n_target: int, params: list[t
         opt.step()
         steps += 1
     return {"steps": steps, "loss": loss.item(), "margin": margin, "converged": margin > 0,
+            "stopped_short": margin < cfg.margin, "examples": len(examples),
             "seconds": round(time.perf_counter() - start, 4)}
 
 
-def train_adapter(model: nn.Module, state: RoutingState, shapes: list[tuple[int, int]], input_ids: torch.Tensor,
-                  n_target: int, rank: int, alpha: float, cfg: TrainConfig) -> tuple[dict[str, torch.Tensor], dict]:
+def train_adapter(model: nn.Module, state: RoutingState, shapes: list[tuple[int, int]], examples: list[Example],
+                  rank: int, alpha: float, cfg: TrainConfig) -> tuple[dict[str, torch.Tensor], dict]:
     """A fresh adapter, forced on while it trains (only it: earlier edits are not routed), then frozen."""
-    params = new_adapter(shapes, rank, cfg.seed, input_ids.device)
+    params = new_adapter(shapes, rank, cfg.seed, examples[0][0].device)
     with state.forcing(params, alpha / rank):
-        info = fit(model, input_ids, n_target, [p for pair in params for p in pair], cfg)
+        info = fit(model, examples, [p for pair in params for p in pair], cfg)
     adapter = {}
     for i, (A, B) in enumerate(params):
         adapter[f"{i}.A"] = A.detach().float().cpu().contiguous()

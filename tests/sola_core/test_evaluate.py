@@ -7,7 +7,7 @@ import torch
 from registry import EditRegistry
 from sola_core import EditConfig, SolaEditor, TrainConfig
 from sola_core.calibrate import calibrate, choose_threshold
-from sola_core.evaluate import _Sola, evaluate, evaluate_sola
+from sola_core.evaluate import SolaMethod, evaluate, evaluate_sola
 from sola_core.facts import TEMPLATES, counterfacts
 
 

@@ -1,0 +1,139 @@
+"""Edit quality the way people use a model (the WILD protocol of arXiv 2502.11177): free greedy generation,
+each prompt put three ways, the reply judged as a whole.
+
+- Styles: `bare` (the question or sentence as it is), `instruct` (after a QA instruction), `chat` (a user
+  message in the model's own chat template, default system prompt included).
+- A reply is the greedy continuation, up to `max_new_tokens`, cut at its first full stop or line break once
+  leading whitespace is skipped (WILD stops on ".", "\\n" and end of sequence). It holds the answer when the
+  normalised answer (case, punctuation, articles, spacing: SQuAD's rule) is contained in the normalised cut
+  reply; `starts` also asks that it come first.
+- Locality: the whole cut reply to an unrelated or neighbouring prompt is unchanged by the edits.
+- Rollback fidelity: logits bit-identical to the unedited model's after rolling back a random half, per style.
+- Loops: replies that repeat a phrase three times in a row ("Quito, Quito, Quito").
+"""
+from __future__ import annotations
+
+import random
+import re
+import statistics
+import string
+import time
+from typing import Callable
+
+import torch
+
+from .datasets import Case
+from .evaluate import Method, Report, batched, mean
+
+STYLES = ("bare", "instruct", "chat")
+INSTRUCTIONS = {"question": "Please answer the question:\n\nQ: {}\nA:", "completion": "Please complete the sentence:\n\n{}"}
+
+
+def styled(text: str, kind: str, style: str, tokenizer) -> str:
+    if style == "bare":
+        return text
+    if style == "instruct":
+        return INSTRUCTIONS[kind].format(text)
+    if style == "chat":
+        return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+    raise ValueError(f"style must be one of {', '.join(STYLES)}, got {style!r}")
+
+
+def normalise(text: str) -> str:
+    text = "".join(c for c in text.lower() if c not in string.punctuation)
+    return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
+
+
+def cut(reply: str) -> str:
+    """The reply up to its first full stop or line break (leading whitespace skipped)."""
+    reply = reply.lstrip()
+    return re.split(r"[.\n]", reply, maxsplit=1)[0].strip()
+
+
+def loops(reply: str) -> bool:
+    """Whether some phrase of one to four words comes three times in a row."""
+    words = re.findall(r"\w+", reply.lower())
+    for n in range(1, 5):
+        for i in range(len(words) - 3 * n + 1):
+            if words[i:i + n] == words[i + n:i + 2 * n] == words[i + 2 * n:i + 3 * n]:
+                return True
+    return False
+
+
+def evaluate_in_use(method: Method, cases: list[Case], tokenizer, *, styles=STYLES, seed: int = 0,
+                    max_new_tokens: int = 40, rollback: Callable[[int], object] | None = None,
+                    stopped_short: Callable[[int], bool] | None = None,
+                    progress: Callable[[int], None] | None = None) -> Report:
+    """Edit `cases` one by one (each as its own prompt and " " + answer), then judge every style."""
+    def put(texts_kinds: list[tuple[str, str]], style: str) -> list[str]:
+        return [styled(t, k, style, tokenizer) for t, k in texts_kinds]
+
+    def replies(prompts: list[str]) -> list[str]:
+        return batched(lambda b: method.generate(b, max_new_tokens), prompts)
+
+    probes = {"neighbours": [(p, c.kind) for c in cases for p in c.neighbours],
+              "unrelated": [(p, c.kind) for c in cases for p in c.unrelated[:1]]}
+    before = {(name, s): [cut(r) for r in replies(put(items, s))] for name, items in probes.items() for s in styles}
+    half = sorted(random.Random(seed).sample(range(len(cases)), len(cases) // 2)) if rollback else []
+    own = [(c.prompt, c.kind) for c in cases]
+    before_logits = {s: [method.logits([p]) for p in put([own[i] for i in half], s)] for s in styles}
+
+    ids, seconds = [], []
+    for case in cases:
+        start = time.perf_counter()
+        ids.append(method.edit(case.prompt, " " + case.answer))
+        seconds.append(time.perf_counter() - start)
+        if progress:
+            progress(1)
+
+    metrics: dict = {"edits": len(cases)}
+    rephrased = [(p, c.kind, c.answer) for c in cases for p in c.rephrases]
+    for s in styles:
+        got = replies(put(own, s))
+        again = replies(put([(p, k) for p, k, _ in rephrased], s))
+        metrics[f"{s}/reliability"] = mean([holds(r, c.answer) for r, c in zip(got, cases)])
+        metrics[f"{s}/reliability_starts"] = mean([holds(r, c.answer, starts=True) for r, c in zip(got, cases)])
+        metrics[f"{s}/generalization"] = mean([holds(r, a) for r, (_, _, a) in zip(again, rephrased)])
+        metrics[f"{s}/loops"] = mean([loops(r) for r in got + again])
+        for name, items in probes.items():
+            if items:
+                after = [cut(r) for r in replies(put(items, s))]
+                metrics[f"{s}/{'locality' if name == 'unrelated' else 'neighbourhood_locality'}"] = \
+                    mean([a == b for a, b in zip(after, before[(name, s)])])
+    if rollback:
+        for i in half:
+            rollback(ids[i])
+        for s in styles:
+            now = [method.logits([p]) for p in put([own[i] for i in half], s)]
+            metrics[f"{s}/rollback_fidelity"] = mean([torch.equal(a, b) for a, b in zip(now, before_logits[s])])
+    metrics["edit_seconds_median"] = statistics.median(seconds)
+    metrics["edit_seconds_p95"] = sorted(seconds)[int(0.95 * (len(seconds) - 1))]
+    if stopped_short:
+        metrics["edits_stopped_short"] = sum(stopped_short(i) for i in ids)
+    edits = [{"id": i, "prompt": c.prompt, "answer": c.answer, "seconds": round(t, 4)}
+             for i, c, t in zip(ids, cases, seconds)]
+    return Report(metrics, edits)
+
+
+def holds(reply: str, answer: str, starts: bool = False) -> bool:
+    got, want = normalise(cut(reply)), normalise(answer)
+    return bool(want) and (got.startswith(want) if starts else want in got)
+
+
+def evaluate_sola_in_use(model, tokenizer, cases: list[Case], path: str, config=None, train=None, seed: int = 0,
+                         styles=STYLES, max_new_tokens: int = 40,
+                         progress: Callable[[int], None] | None = None) -> Report:
+    """The in-use harness on SolaEditor with a new registry at `path` (the model is unpatched afterwards)."""
+    from .config import TrainConfig
+    from .editor import SolaEditor
+    from .evaluate import SolaMethod
+
+    train = train or TrainConfig()
+    with SolaEditor.open(path, model, tokenizer, config=config) as editor:
+        def short(edit_id: int) -> bool:
+            return bool(editor.registry.get(edit_id).info.get("stopped_short"))
+
+        return evaluate_in_use(SolaMethod(editor, train), cases, tokenizer, styles=styles, seed=seed,
+                               max_new_tokens=max_new_tokens, rollback=editor.rollback, stopped_short=short,
+                               progress=progress)
