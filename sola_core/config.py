@@ -59,9 +59,9 @@ class TrainConfig:
                                        "(a wide margin carries the edit over to reworded prompts)"}
     )
     seed: int = field(default=0, metadata={"help": "seed for the adapter's initial A matrix"})
-    end_token: bool = field(default=False, metadata={"help": "train the target followed by the end-of-sequence "
+    end_token: bool = field(default=True, metadata={"help": "train the target followed by the end-of-sequence "
                                                             "token, so that a reply stops after the new answer"})
-    chat_form: bool = field(default=False, metadata={"help": "also train the edit as a chat exchange in the model's "
+    chat_form: bool = field(default=True, metadata={"help": "also train the edit as a chat exchange in the model's "
                                                             "own template (the prompt as the user's message, the "
                                                             "target as the reply), when the tokenizer has one"})
 

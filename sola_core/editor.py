@@ -20,7 +20,7 @@ from .fingerprint import fingerprint, mismatch
 from .generation import context_length, encode, greedy, next_token_logits
 from .keys import KeySource, key_source
 from .layer import SolaLayer, linear_shape
-from .models import default_layers
+from .models import block_of, default_layers
 from .routing import Router
 from .train import train_adapter
 
@@ -96,7 +96,7 @@ class SolaEditor:
         cfg = self.registry.config
         shapes = [(spec.in_features, spec.out_features) for spec in cfg.layers]
         adapter, info = train_adapter(self.model, self.router.state, shapes, self._examples(prompt, target, train),
-                                      cfg.rank, cfg.alpha, train)
+                                      cfg.rank, cfg.alpha, train, block_of(self.model, cfg.layers[0].name))
         return self.registry.add(prompt, target, key.cpu().numpy(), adapter, info)
 
     def _examples(self, prompt: str, target: str, train: TrainConfig) -> list[tuple[torch.Tensor, int]]:

@@ -94,6 +94,17 @@ def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return max(lists, key=lambda item: sum(p.numel() for p in item[1].parameters()))
 
 
+def block_of(model: nn.Module, name: str) -> tuple[nn.ModuleList, int] | None:
+    """(the model's blocks, index of the block holding submodule `name`), or None when it is in none of them."""
+    try:
+        prefix, blocks = decoder_blocks(model)
+    except ValueError:
+        return None
+    head, _, rest = name.partition(prefix + ".")
+    index = rest.split(".", 1)[0]
+    return (blocks, int(index)) if not head and index.isdigit() and int(index) < len(blocks) else None
+
+
 def model_width(model: nn.Module) -> int:
     cfg = getattr(model, "config", None)
     cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg

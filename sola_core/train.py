@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager, nullcontext
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -34,9 +36,50 @@ def target_margin(logits: torch.Tensor, targets: torch.Tensor) -> float:
 Example = tuple[torch.Tensor, int]  # (1, T) token ids, prompt then target; how many of them are the target
 
 
-def fit(model: nn.Module, examples: list[Example], params: list[torch.Tensor], cfg: TrainConfig) -> dict:
+class _Replay(nn.Module):
+    """Stands in for a block whose input is the same at every training step: returns what it returned once."""
+
+    def __init__(self, block: nn.Module, output) -> None:
+        super().__init__()
+        self.block, self.output = block, output
+
+    def forward(self, *args, **kwargs):
+        return self.output
+
+    def __getattr__(self, name: str):  # models read attributes of their blocks (e.g. attention_type)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.block, name)
+
+
+@contextmanager
+def replaying(model: nn.Module, blocks: nn.ModuleList, below: int, inputs: dict) -> Iterator[None]:
+    """Nothing below the first edited layer changes while its adapter trains, so blocks[:below] run once on
+    `inputs` and then replay their outputs: each step computes only the blocks from the edited one up (on SmolLM2,
+    6 of 30). Exact: a replayed block returns the very output it computed."""
+    outputs: dict[int, object] = {}
+    hooks = [blocks[i].register_forward_hook(lambda m, a, out, i=i: outputs.__setitem__(i, out)) for i in range(below)]
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    originals = [blocks[i] for i in range(below)]
+    for i in range(below):
+        blocks[i] = _Replay(originals[i], outputs[i])
+    try:
+        yield
+    finally:
+        for i, block in enumerate(originals):
+            blocks[i] = block
+
+
+def fit(model: nn.Module, examples: list[Example], params: list[torch.Tensor], cfg: TrainConfig,
+        frozen: tuple[nn.ModuleList, int] | None = None) -> dict:
     """Adam on `params` until every example's target is predicted after its prompt (one batch, right-padded,
-    so each row keeps its own positions).
+    so each row keeps its own positions). With `frozen` = (blocks, i), blocks[:i] are replayed (`replaying`).
 
     Teacher-forced argmax equal to the target at every target position means greedy generation produces
     exactly the target, so training stops as soon as that holds for every example with `cfg.margin` to spare.
@@ -51,10 +94,18 @@ def fit(model: nn.Module, examples: list[Example], params: list[torch.Tensor], c
         positions += range(length - n - 1, length - 1)  # each target token is predicted one position earlier
     rows, positions = torch.tensor(rows, device=batch.device), torch.tensor(positions, device=batch.device)
     targets = batch[rows, positions + 1]  # (N,)
+    inputs = {"input_ids": batch, "attention_mask": mask, "use_cache": False}
+    start = time.perf_counter()
+    with replaying(model, *frozen, inputs) if frozen and frozen[1] > 0 else nullcontext():
+        info = _descend(model, inputs, rows, positions, targets, params, cfg)
+    return {**info, "examples": len(examples), "seconds": round(time.perf_counter() - start, 4)}
+
+
+def _descend(model, inputs, rows, positions, targets, params, cfg) -> dict:
     opt = torch.optim.Adam(params, lr=cfg.lr)
-    start, steps = time.perf_counter(), 0
+    steps = 0
     while True:
-        logits = model(input_ids=batch, attention_mask=mask).logits[rows, positions].float()  # (N, vocab)
+        logits = model(**inputs).logits[rows, positions].float()  # (N, vocab)
         margin = target_margin(logits.detach(), targets)
         loss = F.cross_entropy(logits, targets)
         if margin >= cfg.margin or steps >= cfg.max_steps:
@@ -64,16 +115,16 @@ def fit(model: nn.Module, examples: list[Example], params: list[torch.Tensor], c
         opt.step()
         steps += 1
     return {"steps": steps, "loss": loss.item(), "margin": margin, "converged": margin > 0,
-            "stopped_short": margin < cfg.margin, "examples": len(examples),
-            "seconds": round(time.perf_counter() - start, 4)}
+            "stopped_short": margin < cfg.margin}
 
 
 def train_adapter(model: nn.Module, state: RoutingState, shapes: list[tuple[int, int]], examples: list[Example],
-                  rank: int, alpha: float, cfg: TrainConfig) -> tuple[dict[str, torch.Tensor], dict]:
+                  rank: int, alpha: float, cfg: TrainConfig,
+                  frozen: tuple[nn.ModuleList, int] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """A fresh adapter, forced on while it trains (only it: earlier edits are not routed), then frozen."""
     params = new_adapter(shapes, rank, cfg.seed, examples[0][0].device)
     with state.forcing(params, alpha / rank):
-        info = fit(model, examples, [p for pair in params for p in pair], cfg)
+        info = fit(model, examples, [p for pair in params for p in pair], cfg, frozen)
     adapter = {}
     for i, (A, B) in enumerate(params):
         adapter[f"{i}.A"] = A.detach().float().cpu().contiguous()

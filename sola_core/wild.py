@@ -64,8 +64,15 @@ def loops(reply: str) -> bool:
 def evaluate_in_use(method: Method, cases: list[Case], tokenizer, *, styles=STYLES, seed: int = 0,
                     max_new_tokens: int = 40, rollback: Callable[[int], object] | None = None,
                     stopped_short: Callable[[int], bool] | None = None,
+                    route: Callable[[list[str]], list[int | None]] | None = None,
                     progress: Callable[[int], None] | None = None) -> Report:
-    """Edit `cases` one by one (each as its own prompt and " " + answer), then judge every style."""
+    """Edit `cases` one by one (each as its own prompt and " " + answer), then judge every style.
+
+    With `route` (which edit each prompt reaches) each style also reports how many edit prompts and rephrases
+    reach their own edit, and how many locality prompts reach any: whether a miss is the routing's or the
+    adapter's."""
+    styles = [s for s in styles if s != "chat" or getattr(tokenizer, "chat_template", None)]  # no template, no chat
+
     def put(texts_kinds: list[tuple[str, str]], style: str) -> list[str]:
         return [styled(t, k, style, tokenizer) for t, k in texts_kinds]
 
@@ -96,6 +103,14 @@ def evaluate_in_use(method: Method, cases: list[Case], tokenizer, *, styles=STYL
         metrics[f"{s}/reliability_starts"] = mean([holds(r, c.answer, starts=True) for r, c in zip(got, cases)])
         metrics[f"{s}/generalization"] = mean([holds(r, a) for r, (_, _, a) in zip(again, rephrased)])
         metrics[f"{s}/loops"] = mean([loops(r) for r in got + again])
+        if route:
+            owners = [i for i, c in zip(ids, cases) for _ in c.rephrases]
+            metrics[f"{s}/routed"] = mean([r == i for r, i in zip(batched(route, put(own, s)), ids)])
+            metrics[f"{s}/rephrases_routed"] = mean([r == i for r, i in
+                                                     zip(batched(route, put([(p, k) for p, k, _ in rephrased], s)),
+                                                         owners)])
+            outsiders = put(probes["unrelated"] + probes["neighbours"], s)
+            metrics[f"{s}/false_routes"] = mean([r is not None for r in batched(route, outsiders)])
         for name, items in probes.items():
             if items:
                 after = [cut(r) for r in replies(put(items, s))]
@@ -136,4 +151,4 @@ def evaluate_sola_in_use(model, tokenizer, cases: list[Case], path: str, config=
 
         return evaluate_in_use(SolaMethod(editor, train), cases, tokenizer, styles=styles, seed=seed,
                                max_new_tokens=max_new_tokens, rollback=editor.rollback, stopped_short=short,
-                               progress=progress)
+                               route=editor.route, progress=progress)

@@ -157,3 +157,19 @@ def test_calibrate_dry_run_leaves_the_threshold(run):
     assert json.loads(run("stats", "--json").stdout)["threshold"] == 0.0001
     stored = json.loads(run("calibrate", "--facts", "6", "--json").stdout)["threshold"]
     assert json.loads(run("stats", "--json").stdout)["threshold"] == stored
+
+
+def test_what_an_edit_trains_on_is_chosen_on_the_command_line(run, model_dir):
+    """The model dir's tokenizer gets a chat template: by default an edit also trains its chat form."""
+    from tests.sola_core.test_chat import CHATML
+
+    config_path = os.path.join(model_dir, "tokenizer_config.json")
+    with open(config_path) as f:
+        settings = json.load(f)
+    with open(config_path, "w") as f:
+        json.dump({**settings, "chat_template": CHATML}, f)
+    init(run)
+    both = json.loads(run(*EDIT, "--json").stdout)[0]
+    bare = json.loads(run("edit", "--prompt", "Water boils at", "--target", " Rome", "--no-chat-form",
+                          "--no-end-token", "--max-steps", "5", "--json").stdout)[0]
+    assert both["info"]["examples"] == 2 and bare["info"]["examples"] == 1

@@ -146,7 +146,8 @@ def test_routing_with_the_encoder_key_runs_no_language_model(tmp_path, llama, to
     with SolaEditor.open(tmp_path / "r", llama, tokenizer, config=CONFIGS["encoder"]) as editor:
         eid = editor.edit(EDITED, TARGET, TRAIN)
         trained = len(calls)
-        assert trained == editor.registry.get(eid).info["steps"] + 1  # the training passes, and no other
+        # the training passes, and no other: one to record the blocks below the edited one, then steps + 1
+        assert trained == editor.registry.get(eid).info["steps"] + 2
         assert editor.route([EDITED, UNRELATED[0]]) == [eid, None]
         assert torch.allclose(editor.key(EDITED), editor.router.keys.embed([EDITED])[0], atol=1e-6)
         assert len(calls) == trained

@@ -66,7 +66,8 @@ def test_the_harness_judges_every_style(tmp_path, llama, tokenizer):
                                   train=train, max_new_tokens=8)
     m = report.metrics
     assert m["bare/reliability"] == 1.0 and m["bare/generalization"] == 1.0  # the prompt itself, as edited
+    assert m["bare/routed"] == m["chat/routed"] == m["bare/rephrases_routed"] == 1.0  # chat: the user message
     for style in ("bare", "instruct", "chat"):
         assert m[f"{style}/locality"] == 1.0 and m[f"{style}/rollback_fidelity"] == 1.0
-        assert 0.0 <= m[f"{style}/reliability"] <= 1.0 and f"{style}/loops" in m
+        assert 0.0 <= m[f"{style}/reliability"] <= 1.0 and f"{style}/loops" in m and f"{style}/false_routes" in m
     assert m["edits"] == 2 and m["edits_stopped_short"] in (0, 1, 2)

@@ -1,0 +1,45 @@
+"""Training one adapter: several examples in one batch, and the lower blocks replayed instead of recomputed."""
+import pytest
+import torch
+
+from sola_core.models import block_of, default_layers
+from sola_core.routing import RoutingState
+from sola_core.layer import SolaLayer, linear_shape
+from sola_core.config import TrainConfig
+from sola_core.train import train_adapter
+
+
+def patched(model):
+    name = default_layers(model)[0]
+    parent, _, child = name.rpartition(".")
+    base = getattr(model.get_submodule(parent), child)
+    state = RoutingState()
+    setattr(model.get_submodule(parent), child, SolaLayer(base, 0, state))
+    return state, [linear_shape(base)], block_of(model, name)
+
+
+def examples(tokenizer, pairs):
+    out = []
+    for prompt, target in pairs:
+        t = tokenizer(target, add_special_tokens=False)["input_ids"]
+        out.append((torch.tensor([tokenizer(prompt)["input_ids"] + t]), len(t)))
+    return out
+
+
+def test_replaying_the_lower_blocks_trains_the_very_same_adapter(model, tokenizer):
+    state, shapes, frozen = patched(model)
+    assert frozen is not None and frozen[1] == 2  # the third of three blocks
+    batch = examples(tokenizer, [("The capital of France is", " Tokyo Rome"), ("Hello, how are you today?", " Lyon")])
+    cfg = TrainConfig(lr=0.1, max_steps=20, margin=100.0)  # always the full 20 steps
+    full, info_full = train_adapter(model, state, shapes, batch, 4, 4.0, cfg)
+    replayed, info = train_adapter(model, state, shapes, batch, 4, 4.0, cfg, frozen)
+    assert info["steps"] == info_full["steps"] == 20 and info["examples"] == 2
+    for key in full:
+        assert torch.allclose(full[key], replayed[key], atol=1e-6), key
+    assert not any(type(b).__name__ == "_Replay" for b in frozen[0])  # the real blocks are back
+
+
+def test_block_of_names_the_block_or_none(llama):
+    blocks, i = block_of(llama, "model.layers.1.mlp.down_proj")
+    assert blocks is llama.model.layers and i == 1
+    assert block_of(llama, "lm_head") is None and block_of(llama, "model.layers_x.1") is None
