@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from sola_core.config import TrainConfig
+from sola_core.editor import parent_of
 from sola_core.routing import Prompt, PromptPasses
 from sola_core.train import fit
 
@@ -63,8 +64,7 @@ class GraceLayer(nn.Module):
 class Grace(Served):
     def __init__(self, model, tokenizer, layer: str, eps_init: float = 1.0, train: TrainConfig | None = None):
         super().__init__(model, tokenizer)
-        parent_name, _, child = layer.rpartition(".")
-        parent = model.get_submodule(parent_name)
+        parent, child = parent_of(model, layer)
         self.layer = GraceLayer(getattr(parent, child))
         setattr(parent, child, self.layer)
         self.passes = PromptPasses(model, self._on_prompt)  # the codebook decides on each prompt pass

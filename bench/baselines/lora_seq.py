@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from sola_core.config import TrainConfig
+from sola_core.editor import parent_of
 from sola_core.layer import linear_shape
 from sola_core.train import fit, new_adapter
 
@@ -32,8 +33,7 @@ class SequentialLoRA(Served):
     def __init__(self, model, tokenizer, layer: str, rank: int = 4, alpha: float = 4.0,
                  train: TrainConfig | None = None) -> None:
         super().__init__(model, tokenizer)
-        parent_name, _, child = layer.rpartition(".")
-        parent = model.get_submodule(parent_name)
+        parent, child = parent_of(model, layer)
         base = getattr(parent, child)
         self.params = new_adapter([linear_shape(base)], rank, seed=0, device=self.device)
         setattr(parent, child, SharedLoRA(base, *self.params[0], scaling=alpha / rank))
