@@ -200,7 +200,7 @@ def synthetic_edits(config, n: int, seed: int = 0, scale: float = 0.01, chunk: i
             adapter = {}
             for layer, (A, B) in enumerate(tensors):
                 adapter[f"{layer}.A"], adapter[f"{layer}.B"] = torch.from_numpy(A[j]), torch.from_numpy(B[j])
-            yield {"prompt": f"synthetic edit {start + j}", "target": " x", "key": keys[j], "adapter": adapter}
+            yield {"prompt": f"synthetic edit {start + j}", "target": " x", "keys": keys[j], "adapter": adapter}
 
 
 def random_adapter(config, seed: int, scale: float = 0.01) -> dict[str, torch.Tensor]:

@@ -53,7 +53,7 @@ if args.quick:
 def real_edits(editor: SolaEditor, prompts: list[str]) -> list[dict]:
     """Edits keyed on these prompts' own routing keys (random adapters: only the timing matters)."""
     cfg = editor.registry.config
-    return [{"prompt": p, "target": " x", "key": editor.key(p).cpu().numpy(), "adapter": random_adapter(cfg, seed=i)}
+    return [{"prompt": p, "target": " x", "keys": editor.key(p).cpu().numpy(), "adapter": random_adapter(cfg, seed=i)}
             for i, p in enumerate(prompts)]
 
 

@@ -83,7 +83,7 @@ for n in NS:
     layer = cfg.layers[0].name
     edits = list(synthetic_edits(cfg, n, seed=n, scale=0.05))
     for edit, row in zip(edits, hit_rows):  # the first HITS edits are keyed on real prompts
-        edit["key"] = editor.key(prompts[row]).cpu().numpy()
+        edit["keys"] = editor.key(prompts[row]).cpu().numpy()
     ids = editor.registry.add_many(edits, check_conflicts=False)
     enc = with_positions(editor.model, editor.encode(prompts))
     with torch.no_grad():

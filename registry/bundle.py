@@ -1,6 +1,7 @@
 """Export bundles: many edits in ONE safetensors file that another registry can import.
 
-Tensors are ``"{n}.key"`` and ``"{n}.{i}.A"`` / ``"{n}.{i}.B"`` for the bundle-local index n;
+Tensors are ``"{n}.key"`` (the edit's keys, one row per phrasing; format 1 held one key of shape (dim,)) and
+``"{n}.{i}.A"`` / ``"{n}.{i}.B"`` for the bundle-local index n;
 the safetensors metadata holds ``{"sola_bundle": "1", "manifest": <json>}``, where the manifest
 carries the format version, the model-binding part of the config and the records. Nothing in a
 bundle is ever used as a file path.
@@ -17,12 +18,13 @@ import safetensors.torch
 import torch
 from safetensors import safe_open
 
-from .codec import LIBRARY_VERSION, adapter_shapes, as_key, check_adapter
+from .codec import LIBRARY_VERSION, adapter_shapes, as_keys, check_adapter
 from .errors import BundleError, ValidationError
 from .transaction import NewEdit
 from .types import Record, RegistryConfig
 
-BUNDLE_FORMAT = 1
+BUNDLE_FORMAT = 2
+READ_FORMATS = (1, 2)  # 2: several keys per edit, and paraphrases
 # Config fields that make an edit meaningful only for the model it was made on.
 BINDING_FIELDS = ("key_dim", "layers", "rank", "alpha", "key_source", "fingerprint")
 
@@ -43,7 +45,7 @@ def write(path: str, config: RegistryConfig, records: list[Record],
     manifest = {
         "format": BUNDLE_FORMAT, "library_version": LIBRARY_VERSION, "config": _binding(config),
         "records": [{"id": r.id, "prompt": r.prompt, "target": r.target, "status": r.status,
-                     "info": r.info} for r in records],
+                     "info": r.info, "paraphrases": r.paraphrases} for r in records],
     }
     metadata = {"sola_bundle": "1", "manifest": json.dumps(manifest, allow_nan=False)}
     directory, name = os.path.split(os.path.abspath(path))
@@ -87,8 +89,9 @@ def _manifest(path: str, metadata: dict) -> dict:
     except (KeyError, ValueError) as exc:
         raise BundleError(f"{path} has a bad manifest: {exc}") from None
     version = manifest.get("format") if isinstance(manifest, dict) else None
-    if version != BUNDLE_FORMAT:
-        raise BundleError(f"{path} has bundle format {version!r}; this version reads format {BUNDLE_FORMAT}")
+    if version not in READ_FORMATS:
+        raise BundleError(f"{path} has bundle format {version!r}; this version reads formats "
+                          f"{', '.join(map(str, READ_FORMATS))}")
     if not isinstance(manifest.get("config"), dict) or not isinstance(manifest.get("records"), list):
         raise BundleError(f"{path} has a bad manifest: config or records are missing")
     return manifest
@@ -119,12 +122,11 @@ def _edit(f, n: int, rec: dict, config: RegistryConfig) -> NewEdit:
         raise BundleError(f"bundle edit {n}: info must be a JSON object")
     adapter = {name: f.get_tensor(f"{n}.{name}") for name in adapter_shapes(config)}
     check_adapter(adapter, config, error=BundleError, what=f"bundle edit {n} adapter")
-    key = f.get_tensor(f"{n}.key")
-    if key.dtype != torch.float32:
-        raise BundleError(f"bundle edit {n}: key has dtype {key.dtype}, expected torch.float32")
+    keys = f.get_tensor(f"{n}.key")
+    if keys.dtype != torch.float32:
+        raise BundleError(f"bundle edit {n}: key has dtype {keys.dtype}, expected torch.float32")
     try:
-        key = as_key(key, config.key_dim)
-        return NewEdit.encode(config, rec["prompt"], rec["target"], key, adapter,
-                              {**info, "imported_from_id": rec.get("id")})
+        return NewEdit.encode(config, rec["prompt"], rec["target"], as_keys(keys, config.key_dim), adapter,
+                              {**info, "imported_from_id": rec.get("id")}, rec.get("paraphrases") or [])
     except ValidationError as exc:
         raise BundleError(f"bundle edit {n}: {exc}") from None

@@ -1,6 +1,6 @@
 """Bytes in, bytes out: how keys, adapters and metadata are written to the store.
 
-Keys are raw little-endian float32, adapters are safetensors, metadata is JSON: nothing is
+An edit's keys (one per phrasing of its fact, the prompt's first) are raw little-endian float32 rows, adapters are safetensors, metadata is JSON: nothing is
 ever pickled. Adapter tensor names carry no edit id (``"0.A"``, ``"0.B"`` for layer 0), so an
 adapter's bytes do not depend on where it is stored.
 """
@@ -18,7 +18,8 @@ import torch
 from .errors import CorruptEdit, ValidationError
 from .types import RegistryConfig
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: an edit may hold several keys (2 held exactly one; its registries open unchanged)
+MAX_KEYS = 64  # keys (phrasings) one edit may hold
 LIBRARY_VERSION = "0.1.0"
 KEY_DTYPE = np.dtype("<f4")
 
@@ -39,20 +40,20 @@ def decode_json(data: bytes) -> Any:
     return json.loads(data)
 
 
-def as_key(key: Any, dim: int) -> np.ndarray:
-    """Validate one key (numpy or torch, shape (dim,)) and return it as float32 numpy."""
-    if isinstance(key, torch.Tensor):
-        key = key.detach().to("cpu", torch.float32).numpy()
-    array = np.ascontiguousarray(key, dtype=KEY_DTYPE)
-    if array.shape != (dim,):
-        raise ValidationError(f"key must have shape ({dim},), got {tuple(array.shape)}")
+def as_keys(keys: Any, dim: int) -> np.ndarray:
+    """Validate an edit's keys (numpy or torch; one key of shape (dim,) or n keys (n, dim), 1 <= n <=
+    MAX_KEYS) and return them as (n, dim) float32 numpy."""
+    if isinstance(keys, torch.Tensor):
+        keys = keys.detach().to("cpu", torch.float32).numpy()
+    array = np.ascontiguousarray(keys, dtype=KEY_DTYPE)
+    if array.ndim == 1:
+        array = array[None]
+    if array.ndim != 2 or array.shape[1] != dim or not 1 <= len(array) <= MAX_KEYS:
+        raise ValidationError(f"keys must have shape ({dim},) or (n, {dim}) with 1 <= n <= {MAX_KEYS}, "
+                              f"got {tuple(np.shape(keys))}")
     if not np.isfinite(array).all():
         raise ValidationError("key contains NaN or infinite values")
     return array
-
-
-def encode_key(key: Any, dim: int) -> bytes:
-    return as_key(key, dim).tobytes()
 
 
 def _check_stored(data: bytes | None, checksum: str | None, edit_id: int, what: str) -> None:
@@ -62,15 +63,17 @@ def _check_stored(data: bytes | None, checksum: str | None, edit_id: int, what: 
         raise CorruptEdit(f"edit {edit_id} {what} does not match its checksum")
 
 
-def decode_key(data: bytes | None, dim: int, edit_id: int, checksum: str | None = None) -> np.ndarray:
-    """Raw bytes back to a key; a wrong length, checksum or a non-finite value is corruption."""
-    if data is not None and len(data) != dim * KEY_DTYPE.itemsize:
-        raise CorruptEdit(f"edit {edit_id} key has {len(data)} bytes, expected {dim * 4}")
+def decode_keys(data: bytes | None, dim: int, edit_id: int, checksum: str | None = None) -> np.ndarray:
+    """Raw bytes back to an edit's (n, dim) keys; a length that is not a whole number of keys, a wrong
+    checksum or a non-finite value is corruption."""
+    size = dim * KEY_DTYPE.itemsize
+    if data is not None and (len(data) % size or not 1 <= len(data) // size <= MAX_KEYS):
+        raise CorruptEdit(f"edit {edit_id} key has {len(data)} bytes, expected a multiple of {size}")
     _check_stored(data, checksum, edit_id, "key")
-    key = np.frombuffer(data, dtype=KEY_DTYPE).astype(np.float32)
-    if not np.isfinite(key).all():
+    keys = np.frombuffer(data, dtype=KEY_DTYPE).astype(np.float32).reshape(-1, dim)
+    if not np.isfinite(keys).all():
         raise CorruptEdit(f"edit {edit_id} key contains NaN or infinite values")
-    return key
+    return keys
 
 
 def adapter_shapes(config: RegistryConfig) -> dict[str, tuple[int, int]]:

@@ -60,10 +60,11 @@ def _normalise(x: np.ndarray | torch.Tensor, in_place: bool = False) -> np.ndarr
 
 
 class KeyIndex:
-    """Active keys with int64 edit ids; ``search`` returns exact nearest neighbours.
+    """Active keys with int64 edit ids, one or more keys per id; ``search`` returns exact nearest neighbours
+    (an id reached through several of its keys counts each of them).
 
     Distances: ``1 - cosine similarity`` for ``metric="cosine"``, Euclidean for ``"l2"``.
-    ``add`` of a present id replaces its key and ``remove`` of an absent id does nothing, so
+    ``add`` of a present id replaces its keys and ``remove`` of an absent id does nothing, so
     replaying a change twice is harmless.
     """
 
@@ -90,7 +91,7 @@ class KeyIndex:
         self._master = np.empty((max(capacity, 1), dim), np.float32) if self._half else None  # exact copy
         self._keys = self._alloc(max(capacity, 1))
         self._ids = np.empty(max(capacity, 1), dtype=np.int64)
-        self._rows: dict[int, int] = {}
+        self._rows: dict[int, list[int]] = {}  # id -> its rows
         self._n = 0
 
     @classmethod
@@ -114,7 +115,8 @@ class KeyIndex:
                 _normalise(keys[:n], in_place=True)
             index._keys, index._ids = keys, np.empty(capacity, dtype=np.int64)
             index._ids[:n] = ids
-            index._rows = dict(zip(ids.tolist(), range(n)))
+            for row, edit_id in enumerate(ids.tolist()):
+                index._rows.setdefault(edit_id, []).append(row)
             index._n = n
         return index
 
@@ -130,7 +132,12 @@ class KeyIndex:
         return edit_id in self._rows
 
     def ids(self) -> np.ndarray:
+        """The id of every key, in row order (an id with several keys appears once per key)."""
         return self._ids[: self._n].copy()
+
+    def count(self, edit_id: int) -> int:
+        """How many keys ``edit_id`` has here."""
+        return len(self._rows.get(edit_id, ()))
 
     @property
     def nbytes(self) -> int:
@@ -139,33 +146,29 @@ class KeyIndex:
         return keys + self._ids.nbytes + (self._master.nbytes if self._half else 0)
 
     def add(self, ids: Any, keys: Any) -> None:
-        """Insert (or replace) keys, shape (m, dim), under their edit ids."""
+        """Insert keys, shape (m, dim), under their edit ids (an id given m times gets m keys); an id already
+        present has its keys replaced by these."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         keys = self._as_matrix(keys, "keys")
         if len(ids) != len(keys):
             raise ValidationError(f"got {len(ids)} ids for {len(keys)} keys")
         if not np.isfinite(keys).all():
             raise ValidationError("keys contain NaN or infinite values")
-        last = {edit_id: pos for pos, edit_id in enumerate(ids.tolist())}  # last one wins
-        if len(last) != len(ids):
-            ids, keys = ids[list(last.values())], keys[list(last.values())]
-        self._reserve(self._n + len(ids))
-        rows = np.fromiter((self._row_for(edit_id) for edit_id in ids.tolist()), np.int64, len(ids))
+        given = ids.tolist()
+        self.remove([edit_id for edit_id in dict.fromkeys(given) if edit_id in self._rows])
+        start, end = self._n, self._n + len(ids)
+        self._reserve(end)
+        for row, edit_id in enumerate(given, start):
+            self._rows.setdefault(edit_id, []).append(row)
         keys = _normalise(keys) if self.metric == "cosine" else keys
         if self._on_torch:
-            self._keys[torch.from_numpy(rows).to(self.device)] = torch.from_numpy(keys).to(self.device, self._keys.dtype)
+            self._keys[start:end] = torch.from_numpy(keys).to(self.device, self._keys.dtype)
         else:
-            self._keys[rows] = keys
+            self._keys[start:end] = keys
         if self._half:
-            self._master[rows] = keys
-        self._ids[rows] = ids
-
-    def _row_for(self, edit_id: int) -> int:
-        row = self._rows.get(edit_id)
-        if row is None:
-            row = self._rows[edit_id] = self._n
-            self._n += 1
-        return row
+            self._master[start:end] = keys
+        self._ids[start:end] = ids
+        self._n = end
 
     def _reserve(self, size: int) -> None:
         """Double the capacity until ``size`` rows fit."""
@@ -184,20 +187,19 @@ class KeyIndex:
             self._master = master
 
     def remove(self, ids: Any) -> None:
-        """Drop keys by id, each by moving the last row into its hole (O(dim) per id)."""
+        """Drop every key of each id, each key by moving the last row into its hole (O(dim) per key)."""
         for edit_id in np.asarray(ids, dtype=np.int64).reshape(-1).tolist():
-            row = self._rows.pop(edit_id, None)
-            if row is None:
-                continue
-            last = self._n - 1
-            if row != last:
-                moved = int(self._ids[last])
-                self._keys[row] = self._keys[last]
-                if self._half:
-                    self._master[row] = self._master[last]
-                self._ids[row] = moved
-                self._rows[moved] = row
-            self._n = last
+            for row in sorted(self._rows.pop(edit_id, ()), reverse=True):  # highest first: lower holes stay put
+                last = self._n - 1
+                if row != last:
+                    moved = int(self._ids[last])
+                    self._keys[row] = self._keys[last]
+                    if self._half:
+                        self._master[row] = self._master[last]
+                    self._ids[row] = moved
+                    moved_rows = self._rows[moved]
+                    moved_rows[moved_rows.index(last)] = row
+                self._n = last
 
     def search(self, queries: Any, k: int = 1) -> tuple[Any, Any]:
         """Distances and ids, each shape (n, k), nearest first; -1 and +inf where none.

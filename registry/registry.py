@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from . import bundle, verify
-from .codec import KEY_DTYPE, LIBRARY_VERSION, SCHEMA_VERSION, adapter_nbytes, decode_adapter, decode_json, decode_key
+from .codec import (KEY_DTYPE, LIBRARY_VERSION, MAX_KEYS, SCHEMA_VERSION, adapter_nbytes, decode_adapter, decode_json,
+                    decode_keys)
 from .errors import CorruptEdit, EditNotFound, ReadOnlyError, RegistryError, SchemaError, ValidationError
 from .index import KeyIndex
 from .store import MAX_MAP_SIZE, Store, Txn
@@ -85,7 +86,8 @@ class EditRegistry:
             raise SchemaError(f"{path} is not a registry (it has no data.mdb)")
         store = Store(path, readonly=readonly, max_map_size=max_map_size)
         try:
-            if not readonly and _stored_version(store) == 1:
+            version = _stored_version(store)
+            if not readonly and isinstance(version, int) and version < SCHEMA_VERSION:
                 store.write(_upgrade)
             with store.read() as txn:
                 config = _load_config(txn, path)
@@ -158,11 +160,12 @@ class EditRegistry:
             counts = get_meta(txn, "counts")
         return sum(counts.values()) if status is None else counts[status]
 
-    def key(self, edit_id: int) -> np.ndarray:
+    def keys(self, edit_id: int) -> np.ndarray:
+        """An edit's keys, (1 + len(paraphrases), dim): its prompt's first, then each paraphrase's."""
         edit_id = _check_id(edit_id)
         with self._store.read() as txn:
             rec, data = _record(txn, edit_id), txn.get("keys", edit_id)
-        return decode_key(data, self._config.key_dim, edit_id, rec.key_sha256)
+        return decode_keys(data, self._config.key_dim, edit_id, rec.key_sha256)
 
     def adapter(self, edit_id: int) -> dict[str, torch.Tensor]:
         return self.adapters([edit_id])[_check_id(edit_id)]
@@ -178,13 +181,13 @@ class EditRegistry:
             stored = [(_record(txn, i), txn.get("keys", i), txn.get("adapters", i)) for i in ids]
         adapters = {}
         for rec, key, data in stored:
-            decode_key(key, self._config.key_dim, rec.id, rec.key_sha256)
+            decode_keys(key, self._config.key_dim, rec.id, rec.key_sha256)
             adapters[rec.id] = decode_adapter(data, self._config, rec.id, rec.adapter_sha256)
         return adapters
 
     # --- search --------------------------------------------------------------------------
     def nearest(self, queries: Any) -> tuple[Any, Any]:
-        """Distance to and id of the nearest active key per query row, shape (n,) each.
+        """Distance to and id of the nearest active key (of any edit's phrasings) per query row, shape (n,) each.
 
         numpy in, numpy out; torch in, torch out on the queries' device. Call ``refresh()``
         first to see other processes' writes.
@@ -235,18 +238,21 @@ class EditRegistry:
         return KeyIndex.from_matrix(ids, keys, self._config.metric, self._backend, self._device, self._key_dtype)
 
     # --- writing -------------------------------------------------------------------------
-    def add(self, prompt: str, target: str, key: Any, adapter: dict[str, torch.Tensor],
-            info: dict | None = None) -> int:
-        """Store one edit; the nearest active edit within ``config.supersede_distance`` becomes superseded by it."""
+    def add(self, prompt: str, target: str, keys: Any, adapter: dict[str, torch.Tensor],
+            info: dict | None = None, paraphrases: Sequence[str] = ()) -> int:
+        """Store one edit: ``keys`` is the prompt's key (dim,), or one row per phrasing (1 + len(paraphrases),
+        dim), all routing to this edit. The active edit with a key nearest to any of them, within
+        ``config.supersede_distance``, becomes superseded by it."""
         self._check_writable()
-        edit = NewEdit.encode(self._config, prompt, target, key, adapter, info)
+        edit = NewEdit.encode(self._config, prompt, target, keys, adapter, info, paraphrases)
         return self._write("add", lambda tx: tx.insert(edit), needs_index=True)
 
     def add_many(self, items: Iterable[dict], batch_size: int = 1000, *,
                  check_conflicts: bool = True) -> list[int]:
         """Store many edits, one transaction per batch (each batch is all or nothing).
 
-        Items are dicts with ``prompt``, ``target``, ``key``, ``adapter`` and optional ``info``.
+        Items are dicts with ``prompt``, ``target``, ``keys``, ``adapter`` and optional ``info`` and
+        ``paraphrases`` (as the arguments of :meth:`add`).
         Conflicts are resolved as in :meth:`add`, in order. ``check_conflicts=False`` skips
         the search (O(N) per edit) for bulk loads whose keys are known to be far apart.
         """
@@ -265,7 +271,8 @@ class EditRegistry:
             return NewEdit.encode(self._config, **item)
         except TypeError:
             raise ValidationError(
-                f"add_many items are dicts with prompt, target, key, adapter and optional info; got {sorted(item)}"
+                f"add_many items are dicts with prompt, target, keys, adapter and optional info and paraphrases; "
+                f"got {sorted(item)}"
             ) from None
 
     def rollback(self, edit_id: int) -> Record:
@@ -332,8 +339,9 @@ class EditRegistry:
 
     def _keys_for(self, txn: Txn, events: list[dict]) -> dict[int, np.ndarray]:
         ids = {i for event in events for i in event["activated"] + event.get("entombed", [])}
-        ids, keys = _read_keys(txn, sorted(ids), self._config.key_dim)
-        return dict(zip(ids, keys))
+        rows, keys = _read_keys(txn, sorted(ids), self._config.key_dim)
+        rows = np.asarray(rows, dtype=np.int64)
+        return {i: keys[rows == i] for i in dict.fromkeys(rows.tolist())}
 
     def _apply(self, event: dict, keys: dict[int, np.ndarray]) -> None:
         if event["op"] == "config":
@@ -388,7 +396,7 @@ class EditRegistry:
         adapters: dict[int, dict[str, torch.Tensor]] = {}
         for start in range(0, len(records), _CHUNK):
             ids = [rec.id for rec in records[start:start + _CHUNK]]
-            keys.update((i, self.key(i)) for i in ids)
+            keys.update((i, self.keys(i)) for i in ids)
             adapters.update(self.adapters(ids))
         bundle.write(os.fspath(path), self._config, records, keys, adapters)
         return len(records)
@@ -406,7 +414,7 @@ def _replay(index: KeyIndex | None, removed: list[int], added: list[int], keys: 
     index.remove(removed)
     added = [i for i in added if i in keys]  # unreadable keys are never searched
     if added:
-        index.add(added, np.stack([keys[i] for i in added]))
+        index.add([i for i in added for _ in keys[i]], np.concatenate([keys[i] for i in added]))
 
 
 def _stored_version(store: Store) -> Any:
@@ -417,13 +425,16 @@ def _stored_version(store: Store) -> Any:
 def _upgrade(txn: Txn) -> None:
     """Bring a registry written by an older version up to this schema, in the open's write transaction.
 
-    Version 1 had no tombstones: every rolled-back edit becomes one, as if rolled back today.
+    Version 1 had no tombstones: every rolled-back edit becomes one, as if rolled back today. Version 2 held one
+    key per edit, which version 3 reads as it is.
     """
-    if get_meta(txn, "schema_version") != 1:
+    version = get_meta(txn, "schema_version")
+    if not isinstance(version, int) or version >= SCHEMA_VERSION:
         return
-    for edit_id, data in txn.items("records"):
-        if is_tombstone(decode_json(data)):
-            txn.put("tombstones", edit_id, b"")
+    if version == 1:
+        for edit_id, data in txn.items("records"):
+            if is_tombstone(decode_json(data)):
+                txn.put("tombstones", edit_id, b"")
     put_meta(txn, "schema_version", SCHEMA_VERSION)
 
 
@@ -440,6 +451,9 @@ def _load_config(txn: Txn, path: str) -> RegistryConfig:
     version = get_meta(txn, "schema_version")
     if version is None:
         raise SchemaError(f"{path} is not a registry (it has no schema version)")
+    if isinstance(version, int) and version < SCHEMA_VERSION:
+        raise SchemaError(f"registry at {path} was written by an older version (schema {version}); open it once "
+                          "without read-only to upgrade it")
     if version != SCHEMA_VERSION:
         raise SchemaError(
             f"registry schema version {version} is not supported by this version (expects {SCHEMA_VERSION})"
@@ -458,39 +472,46 @@ def _record(txn: Txn, edit_id: int) -> Record:
 
 
 def _read_keys(txn: Txn, ids: list[int], dim: int, spare: int = 0) -> tuple[list[int], np.ndarray]:
-    """The ids whose keys are readable and those keys as the first rows of an (n + spare, dim) matrix.
+    """Every readable key of ``ids``, as the first rows of an (n + spare, dim) matrix, and the id of each row
+    (an edit with several keys gives several rows).
 
     Each key is copied once, straight from the store into the matrix. A missing, short or non-finite
     key is left out with a warning naming its edit: one corrupt edit must not stop the others from
     being served (``verify`` reports it, ``--repair`` rolls it back).
     """
-    keys = np.empty((len(ids) + spare, dim), dtype=np.float32)
-    nbytes = dim * KEY_DTYPE.itemsize
-    good = np.ones(len(ids), dtype=bool)
-    for row, edit_id in enumerate(ids):
+    size = dim * KEY_DTYPE.itemsize
+    blobs, good = [], []
+    for edit_id in ids:
         blob = txn.get("keys", edit_id)
-        if blob is not None and len(blob) == nbytes:
-            keys[row] = np.frombuffer(blob, dtype=KEY_DTYPE)
+        if blob is not None and len(blob) % size == 0 and 0 < len(blob) <= MAX_KEYS * size:
+            blobs.append(blob)
+            good.append(edit_id)
         else:
-            good[row] = _readable_key(None if blob is None else bytes(blob), dim, edit_id)
-    finite = np.isfinite(keys[:len(ids)]).all(axis=1)
-    for row in np.flatnonzero(good & ~finite).tolist():
-        log.warning("edit %d is not served: its key contains NaN or infinite values", ids[row])
-    good &= finite
-    if good.all():
-        return ids, keys
-    kept = np.flatnonzero(good)
+            _warn_unreadable(None if blob is None else bytes(blob), dim, edit_id)
+    counts = [len(blob) // size for blob in blobs]
+    keys = np.empty((sum(counts) + spare, dim), dtype=np.float32)
+    row_ids: list[int] = []
+    row = 0
+    for edit_id, blob, n in zip(good, blobs, counts):
+        keys[row:row + n] = np.frombuffer(blob, dtype=KEY_DTYPE).reshape(n, dim)
+        row_ids += [edit_id] * n
+        row += n
+    finite = np.isfinite(keys[:row]).all(axis=1)
+    if finite.all():
+        return row_ids, keys
+    bad = {row_ids[r] for r in np.flatnonzero(~finite).tolist()}
+    for edit_id in sorted(bad):
+        log.warning("edit %d is not served: its key contains NaN or infinite values", edit_id)
+    kept = np.flatnonzero([i not in bad for i in row_ids])
     keys[:len(kept)] = keys[kept]
-    return np.asarray(ids)[kept].tolist(), keys
+    return [row_ids[r] for r in kept.tolist()], keys
 
 
-def _readable_key(blob: bytes | None, dim: int, edit_id: int) -> bool:
+def _warn_unreadable(blob: bytes | None, dim: int, edit_id: int) -> None:
     try:
-        decode_key(blob, dim, edit_id)
+        decode_keys(blob, dim, edit_id)
     except CorruptEdit as exc:
         log.warning("edit %d is not served: %s", edit_id, exc)
-        return False
-    return True
 
 
 def _check_id(edit_id: Any) -> int:

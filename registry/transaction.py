@@ -1,8 +1,10 @@
 """One write transaction: new edits, status changes with their conflict resolution, counters
 and the single log event that tells other processes what changed.
 
-A rolled-back edit's key stays in the store as a *tombstone*: it keeps the inputs nearest to it on the base
-model, so a rollback does not hand them to a neighbouring edit (``EditRegistry.match``).
+An edit has one key per phrasing of its fact (its prompt's first, then its paraphrases'); every operation
+moves all of them together. A rolled-back edit's keys stay in the store as a *tombstone*: they keep the inputs
+nearest to them on the base model, so a rollback does not hand them to a neighbouring edit
+(``EditRegistry.match``).
 
 A :class:`Transaction` lives only inside ``Store.write`` and may be re-run from scratch when
 the map grows, so it changes nothing outside the LMDB transaction; the caller applies
@@ -17,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .codec import as_key, decode_json, decode_key, encode_adapter, encode_json, sha256
+from .codec import as_keys, decode_json, decode_keys, encode_adapter, encode_json, sha256
 from .errors import CorruptEdit, EditNotFound, InvalidTransition, ValidationError
 from .index import KeyIndex
 from .store import Txn
@@ -43,17 +45,21 @@ class NewEdit:
 
     prompt: str
     target: str
-    key: np.ndarray
+    keys: np.ndarray  # (1 + len(paraphrases), dim): the prompt's key, then each paraphrase's
     key_bytes: bytes
     adapter_bytes: bytes
     info: dict
+    paraphrases: list[str]
 
     @classmethod
-    def encode(cls, config: RegistryConfig, prompt: str, target: str, key: Any,
-               adapter: dict, info: dict | None = None) -> NewEdit:
+    def encode(cls, config: RegistryConfig, prompt: str, target: str, keys: Any,
+               adapter: dict, info: dict | None = None, paraphrases: Any = ()) -> NewEdit:
         if not isinstance(prompt, str) or not isinstance(target, str):
             raise ValidationError("prompt and target must be strings")
-        for name, text in (("prompt", prompt), ("target", target)):
+        if isinstance(paraphrases, str) or not all(isinstance(p, str) for p in paraphrases):
+            raise ValidationError("paraphrases must be a list of strings")
+        paraphrases = list(paraphrases)
+        for name, text in (("prompt", prompt), ("target", target), *(("paraphrase", p) for p in paraphrases)):
             try:
                 text.encode("utf-8")
             except UnicodeEncodeError:
@@ -65,8 +71,11 @@ class NewEdit:
             encode_json(info)
         except ValidationError as exc:
             raise ValidationError(f"info: {exc}") from None
-        key = as_key(key, config.key_dim)
-        return cls(prompt, target, key, key.tobytes(), encode_adapter(adapter, config), info)
+        keys = as_keys(keys, config.key_dim)
+        if len(keys) != 1 + len(paraphrases):
+            raise ValidationError(f"an edit with {len(paraphrases)} paraphrases needs {1 + len(paraphrases)} keys "
+                                  f"(the prompt's, then each paraphrase's), got {len(keys)}")
+        return cls(prompt, target, keys, keys.tobytes(), encode_adapter(adapter, config), info, paraphrases)
 
 
 class Transaction:
@@ -83,8 +92,8 @@ class Transaction:
         self._counts = {**dict.fromkeys(STATUSES, 0), **(get_meta(txn, "counts") or {})}
         self._initial: dict[int, bool] = {}  # id -> was active before this transaction
         self._final: dict[int, bool] = {}  # id -> is active now
-        self._keys: dict[int, np.ndarray] = {}  # keys of ids activated here
-        self._entombed: dict[int, np.ndarray] = {}  # keys of ids that became tombstones here
+        self._keys: dict[int, np.ndarray] = {}  # (n, dim) keys of ids activated here
+        self._entombed: dict[int, np.ndarray] = {}  # (n, dim) keys of ids that became tombstones here
         self._pending = None if index is None else KeyIndex(config.key_dim, config.metric, capacity=16)
 
     # --- records -------------------------------------------------------------------------
@@ -97,15 +106,15 @@ class Transaction:
     def save(self, rec: Record) -> None:
         self.txn.put("records", rec.id, encode_json(rec.to_dict()))
 
-    def _stored_key(self, rec: Record) -> np.ndarray:
-        return decode_key(self.txn.get("keys", rec.id), self.config.key_dim, rec.id, rec.key_sha256)
+    def _stored_keys(self, rec: Record) -> np.ndarray:
+        return decode_keys(self.txn.get("keys", rec.id), self.config.key_dim, rec.id, rec.key_sha256)
 
-    def _set_status(self, rec: Record, status: str, key: np.ndarray | None = None) -> None:
+    def _set_status(self, rec: Record, status: str, keys: np.ndarray | None = None) -> None:
         self._initial.setdefault(rec.id, rec.status == ACTIVE)
         self._counts[rec.status] = self._counts.get(rec.status, 0) - 1
         self._counts[status] += 1
         if status == ACTIVE:
-            self._mark_active(rec.id, key if key is not None else self._stored_key(rec))
+            self._mark_active(rec.id, keys if keys is not None else self._stored_keys(rec))
         elif rec.status == ACTIVE:
             self._mark_inactive(rec.id)
         if rec.status == ROLLED_BACK:
@@ -113,12 +122,12 @@ class Transaction:
         rec.status, rec.updated = status, self.time
         self.save(rec)
 
-    def _mark_active(self, edit_id: int, key: np.ndarray) -> None:
+    def _mark_active(self, edit_id: int, keys: np.ndarray) -> None:
         self.txn.put("active", edit_id, b"")
         self._final[edit_id] = True
-        self._keys[edit_id] = key
+        self._keys[edit_id] = keys
         if self._pending is not None:
-            self._pending.add([edit_id], key[None])
+            self._pending.add([edit_id] * len(keys), keys)
 
     def _mark_inactive(self, edit_id: int) -> None:
         self.txn.delete("active", edit_id)
@@ -129,13 +138,13 @@ class Transaction:
 
     def _entomb(self, rec: Record) -> None:
         try:
-            key = self._stored_key(rec)
+            keys = self._stored_keys(rec)
         except CorruptEdit as exc:  # rolled back all the same: rollback is how a bad edit is taken out
             rec.info["corrupt"] = str(exc)  # an unreadable key shields nothing (see is_tombstone)
             self.save(rec)
             return
         self.txn.put("tombstones", rec.id, b"")
-        self._entombed[rec.id] = key
+        self._entombed[rec.id] = keys
 
     def unentomb(self, edit_id: int) -> bool:
         """Stop keeping a rolled-back edit's key as a tombstone; False if it was none."""
@@ -146,28 +155,32 @@ class Transaction:
         return True
 
     # --- conflicts -----------------------------------------------------------------------
-    def _conflict(self, key: np.ndarray, hint: tuple[float, int] | None = None) -> int | None:
-        """The nearest active edit within the supersede distance, counting this transaction's changes.
+    def _conflict(self, keys: np.ndarray, hint: tuple[float, int] | None = None) -> int | None:
+        """The active edit with a key nearest to any of ``keys``, if within the supersede distance, counting
+        this transaction's changes.
 
         ``hint`` is a precomputed (distance, id) from the committed index (batched search).
         """
         if self.index is None:
             return None
-        dist, found = hint if hint is not None else _first(self.index.search(key[None], 1))
+        dist, found = hint if hint is not None else _nearest(self.index.search(keys, 1))
         if self._final.get(found) is False:  # changed here: look past what this txn deactivated
-            dist, found = self._nearest_committed(key)
-        pending_dist, pending_found = _first(self._pending.search(key[None], 1))
+            dist, found = self._nearest_committed(keys)
+        pending_dist, pending_found = _nearest(self._pending.search(keys, 1))
         if pending_dist < dist:
             dist, found = pending_dist, pending_found
         return found if found >= 0 and dist <= self.config.supersede_distance else None
 
-    def _nearest_committed(self, key: np.ndarray) -> tuple[float, int]:
-        skipped = sum(1 for active in self._final.values() if not active)
-        dists, ids = self.index.search(key[None], min(len(self.index), skipped + 1))
-        for dist, found in zip(dists[0].tolist(), ids[0].tolist()):
-            if self._final.get(found) is not False:
-                return dist, found
-        return math.inf, -1
+    def _nearest_committed(self, keys: np.ndarray) -> tuple[float, int]:
+        skipped = sum(self.index.count(i) for i, active in self._final.items() if not active)
+        dists, ids = self.index.search(keys, min(len(self.index), skipped + 1))
+        best = (math.inf, -1)
+        for row_dists, row_ids in zip(dists.tolist(), ids.tolist()):
+            for dist, found in zip(row_dists, row_ids):
+                if self._final.get(found) is not False:
+                    best = min(best, (dist, found))
+                    break
+        return best
 
     def _supersede(self, old_id: int, new_id: int) -> None:
         old = self.record(old_id)
@@ -179,16 +192,16 @@ class Transaction:
         """Write a new active edit; the nearest active edit within the supersede distance is superseded."""
         new_id = self._next_id
         self._next_id += 1
-        old_id = self._conflict(edit.key, hint)
+        old_id = self._conflict(edit.keys, hint)
         if old_id is not None:
             self._supersede(old_id, new_id)
         rec = Record(new_id, edit.prompt, edit.target, ACTIVE, self.time, self.time, old_id, None,
-                     sha256(edit.key_bytes), sha256(edit.adapter_bytes), edit.info)
+                     sha256(edit.key_bytes), sha256(edit.adapter_bytes), edit.info, edit.paraphrases)
         self.txn.put("keys", new_id, edit.key_bytes)
         self.txn.put("adapters", new_id, edit.adapter_bytes)
         self._initial[new_id] = False
         self._counts[ACTIVE] += 1
-        self._mark_active(new_id, edit.key)
+        self._mark_active(new_id, edit.keys)
         self.save(rec)
         return new_id
 
@@ -196,8 +209,9 @@ class Transaction:
         """Insert in order; the committed index is searched once for the whole batch."""
         hints: list = [None] * len(edits)
         if self.index is not None and edits:
-            dists, ids = self.index.search(np.stack([edit.key for edit in edits]), 1)
-            hints = list(zip(dists[:, 0].tolist(), ids[:, 0].tolist()))
+            dists, ids = self.index.search(np.concatenate([edit.keys for edit in edits]), 1)
+            ends = np.cumsum([len(edit.keys) for edit in edits]).tolist()
+            hints = [_nearest((dists[start:end], ids[start:end])) for start, end in zip([0] + ends, ends)]
         return [self.insert(edit, hint) for edit, hint in zip(edits, hints)]
 
     def rollback(self, edit_id: int, keep_inactive: frozenset[int] = frozenset()) -> Record:
@@ -243,13 +257,13 @@ class Transaction:
                 f"edit {edit_id} is superseded by edit {rec.superseded_by}, not rolled back; "
                 f"roll back edit {rec.superseded_by} to bring it back"
             )
-        key = self._stored_key(rec)
-        old_id = self._conflict(key)
+        keys = self._stored_keys(rec)
+        old_id = self._conflict(keys)
         if old_id is not None:
             self._supersede(old_id, rec.id)
             rec.supersedes = old_id
         rec.superseded_by = None
-        self._set_status(rec, ACTIVE, key)
+        self._set_status(rec, ACTIVE, keys)
         return rec
 
     def recount(self) -> dict[str, int]:
@@ -299,6 +313,8 @@ def is_tombstone(rec: dict) -> bool:
     return rec.get("status") == ROLLED_BACK and "corrupt" not in (rec.get("info") or {})
 
 
-def _first(result: tuple[np.ndarray, np.ndarray]) -> tuple[float, int]:
+def _nearest(result: tuple[np.ndarray, np.ndarray]) -> tuple[float, int]:
+    """The nearest (distance, id) over all query rows of a k=1 search."""
     dists, ids = result
-    return float(dists[0, 0]), int(ids[0, 0])
+    row = int(np.argmin(dists[:, 0]))
+    return float(dists[row, 0]), int(ids[row, 0])

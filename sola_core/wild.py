@@ -62,11 +62,13 @@ def loops(reply: str) -> bool:
 
 
 def evaluate_in_use(method: Method, cases: list[Case], tokenizer, *, styles=STYLES, seed: int = 0,
-                    max_new_tokens: int = 40, rollback: Callable[[int], object] | None = None,
+                    max_new_tokens: int = 40, paraphrases: bool = False,
+                    rollback: Callable[[int], object] | None = None,
                     stopped_short: Callable[[int], bool] | None = None,
                     route: Callable[[list[str]], list[int | None]] | None = None,
                     progress: Callable[[int], None] | None = None) -> Report:
-    """Edit `cases` one by one (each as its own prompt and " " + answer), then judge every style.
+    """Edit `cases` one by one (each as its own prompt and " " + answer; with `paraphrases`, also given the case's
+    paraphrases, which are never judged), then judge every style.
 
     With `route` (which edit each prompt reaches) each style also reports how many edit prompts and rephrases
     reach their own edit, and how many locality prompts reach any: whether a miss is the routing's or the
@@ -89,12 +91,13 @@ def evaluate_in_use(method: Method, cases: list[Case], tokenizer, *, styles=STYL
     ids, seconds = [], []
     for case in cases:
         start = time.perf_counter()
-        ids.append(method.edit(case.prompt, " " + case.answer))
+        given = {"paraphrases": case.paraphrases} if paraphrases else {}  # the baselines take none
+        ids.append(method.edit(case.prompt, " " + case.answer, **given))
         seconds.append(time.perf_counter() - start)
         if progress:
             progress(1)
 
-    metrics: dict = {"edits": len(cases)}
+    metrics: dict = {"edits": len(cases), "paraphrases_given": sum(len(c.paraphrases) for c in cases) if paraphrases else 0}
     rephrased = [(p, c.kind, c.answer) for c in cases for p in c.rephrases]
     for s in styles:
         got = replies(put(own, s))
@@ -137,7 +140,7 @@ def holds(reply: str, answer: str, starts: bool = False) -> bool:
 
 
 def evaluate_sola_in_use(model, tokenizer, cases: list[Case], path: str, config=None, train=None, seed: int = 0,
-                         styles=STYLES, max_new_tokens: int = 40,
+                         styles=STYLES, max_new_tokens: int = 40, paraphrases: bool = False,
                          progress: Callable[[int], None] | None = None) -> Report:
     """The in-use harness on SolaEditor with a new registry at `path` (the model is unpatched afterwards)."""
     from .config import TrainConfig
@@ -150,5 +153,6 @@ def evaluate_sola_in_use(model, tokenizer, cases: list[Case], path: str, config=
             return bool(editor.registry.get(edit_id).info.get("stopped_short"))
 
         return evaluate_in_use(SolaMethod(editor, train), cases, tokenizer, styles=styles, seed=seed,
-                               max_new_tokens=max_new_tokens, rollback=editor.rollback, stopped_short=short,
+                               max_new_tokens=max_new_tokens, paraphrases=paraphrases, rollback=editor.rollback,
+                               stopped_short=short,
                                route=editor.route, progress=progress)

@@ -29,7 +29,7 @@ def test_round_trip_of_active_edits(source, tmp_path, config):
         rec = dst.get(2)
         assert (rec.prompt, rec.target, rec.status) == ("p2", "t2", "active")
         assert rec.info == {"steps": 2, "imported_from_id": 2}
-        np.testing.assert_array_equal(dst.key(3), make_key(3))
+        np.testing.assert_array_equal(dst.keys(3)[0], make_key(3))
         for name, tensor in make_adapter(config, 3).items():
             assert torch.equal(dst.adapter(3)[name], tensor)
         assert dst.match(np.stack([make_key(1), make_key(3)])).tolist() == [2, 3]

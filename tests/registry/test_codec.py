@@ -16,33 +16,41 @@ CONFIG = make_config()
 @settings(max_examples=50, deadline=None)
 @given(arrays(np.float32, KEY_DIM, elements=st.floats(allow_nan=False, allow_infinity=False, width=32)))
 def test_key_round_trip_is_exact(key):
-    data = codec.encode_key(key, KEY_DIM)
+    data = codec.as_keys(key, KEY_DIM).tobytes()
     assert len(data) == KEY_DIM * 4
-    np.testing.assert_array_equal(codec.decode_key(data, KEY_DIM, 1, codec.sha256(data)), key)
+    np.testing.assert_array_equal(codec.decode_keys(data, KEY_DIM, 1, codec.sha256(data)), key[None])
+
+
+def test_several_keys_round_trip_in_order():
+    keys = np.arange(3 * KEY_DIM, dtype=np.float32).reshape(3, KEY_DIM)
+    data = codec.as_keys(keys, KEY_DIM).tobytes()
+    np.testing.assert_array_equal(codec.decode_keys(data, KEY_DIM, 1, codec.sha256(data)), keys)
 
 
 def test_key_accepts_torch_and_other_float_dtypes():
     key = torch.arange(KEY_DIM, dtype=torch.float64)
-    assert codec.as_key(key, KEY_DIM).dtype == np.float32
+    assert codec.as_keys(key, KEY_DIM).dtype == np.float32
 
 
 @pytest.mark.parametrize("key, message", [
-    (np.zeros(KEY_DIM + 1), r"shape \(16,\)"),
-    (np.zeros((1, KEY_DIM)), r"shape \(16,\)"),
+    (np.zeros(KEY_DIM + 1), r"shape \(16,\) or \(n, 16\) with 1 <= n <= 64, got \(17,\)"),
+    (np.zeros((0, KEY_DIM)), r"got \(0, 16\)"),
+    (np.zeros((65, KEY_DIM)), r"got \(65, 16\)"),
+    (np.zeros((2, 2, KEY_DIM)), r"got \(2, 2, 16\)"),
     (np.full(KEY_DIM, np.nan), "NaN"),
     (np.full(KEY_DIM, np.inf), "NaN or infinite"),
 ])
 def test_bad_keys_are_refused(key, message):
     with pytest.raises(ValidationError, match=message):
-        codec.encode_key(key, KEY_DIM)
+        codec.as_keys(key, KEY_DIM)
 
 
 def test_stored_key_problems_name_the_edit():
-    with pytest.raises(CorruptEdit, match="edit 7 key has 12 bytes"):
-        codec.decode_key(b"\0" * 12, KEY_DIM, 7)
-    data = codec.encode_key(np.ones(KEY_DIM), KEY_DIM)
+    with pytest.raises(CorruptEdit, match="edit 7 key has 12 bytes, expected a multiple of 64"):
+        codec.decode_keys(b"\0" * 12, KEY_DIM, 7)
+    data = codec.as_keys(np.ones(KEY_DIM), KEY_DIM).tobytes()
     with pytest.raises(CorruptEdit, match="edit 7 key does not match its checksum"):
-        codec.decode_key(data, KEY_DIM, 7, "0" * 64)
+        codec.decode_keys(data, KEY_DIM, 7, "0" * 64)
 
 
 def test_adapter_round_trip_is_exact():

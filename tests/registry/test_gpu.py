@@ -118,7 +118,7 @@ def test_registry_with_fp16_keys_finds_what_float32_finds(tmp_path, device):
     """RuntimeConfig(key_dtype="float16") reaches the registry's index: same answers, half the scanned bytes."""
     config = make_config()
     with EditRegistry.create(tmp_path / "r", config, backend="torch", device=device) as reg:
-        reg.add_many([{"prompt": f"p{i}", "target": "t", "key": make_key(i), "adapter": make_adapter(config)}
+        reg.add_many([{"prompt": f"p{i}", "target": "t", "keys": make_key(i), "adapter": make_adapter(config)}
                       for i in range(200)], check_conflicts=False)
         reg.rollback(7)
     queries = np.stack([make_key(i) for i in range(0, 200, 3)] + [make_key(999)])

@@ -88,11 +88,32 @@ def test_torch_in_torch_out(backend):
 
 def test_add_replaces_and_remove_ignores_unknown():
     index = KeyIndex(DIM, "l2", "faiss")
-    index.add([1, 2, 1], np.stack([np.zeros(DIM), np.ones(DIM), np.full(DIM, 5.0)]))
+    index.add([1, 2], np.stack([np.zeros(DIM), np.ones(DIM)]))
+    index.add([1], np.full((1, DIM), 5.0))  # replaces edit 1's key
     assert len(index) == 2 and 1 in index and 3 not in index
-    assert index.search(np.full((1, DIM), 5.0))[1][0, 0] == 1  # last duplicate won
+    assert index.search(np.zeros((1, DIM)))[1][0, 0] == 2  # the old key of 1 is gone
     index.remove([3, 2, 2])
     assert index.ids().tolist() == [1]
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_several_keys_per_id_are_added_searched_and_removed_together(backend):
+    rng = np.random.default_rng(3)
+    keys = rng.standard_normal((9, DIM)).astype(np.float32)
+    ids = [1, 1, 1, 2, 3, 3, 4, 5, 5]  # edit 1 has three keys, 3 and 5 two
+    index = KeyIndex(DIM, "cosine", backend)
+    index.add(ids, keys)
+    assert len(index) == 9
+    assert index.search(keys)[1][:, 0].tolist() == ids  # each key finds its own edit
+    index.remove([1, 5])
+    assert sorted(index.ids().tolist()) == [2, 3, 3, 4]
+    assert index.search(keys[[3, 4, 5, 6]])[1][:, 0].tolist() == [2, 3, 3, 4]  # moved rows still map right
+    index.add([3], keys[:1])  # replacing: edit 3 now has one key
+    assert sorted(index.ids().tolist()) == [2, 3, 4]
+    assert index.search(keys[:1])[1][0, 0] == 3
+    rebuilt = KeyIndex.from_matrix(ids, keys.copy(), "cosine", backend)
+    rebuilt.remove([3])
+    assert sorted(rebuilt.ids().tolist()) == [1, 1, 1, 2, 4, 5, 5]
 
 
 def test_non_finite_query_rows_find_nothing():

@@ -24,7 +24,7 @@ def test_add_get_records_count(reg):
     assert rec.supersedes is None and rec.superseded_by is None and len(rec.adapter_sha256) == 64
     assert [r.id for r in reg.records()] == ids
     assert reg.count() == reg.count("active") == 3 and reg.count("rolled_back") == 0
-    np.testing.assert_array_equal(reg.key(3), make_key(2))
+    np.testing.assert_array_equal(reg.keys(3)[0], make_key(2))
     assert torch.equal(reg.adapter(1)["1.B"], make_adapter(reg.config, 0)["1.B"])
     assert reg.generation == 3
 
@@ -98,7 +98,7 @@ def test_invalid_transitions_and_unknown_ids(reg):
     reg.rollback(new)
     with pytest.raises(InvalidTransition, match=f"^edit {new} is already rolled back$"):
         reg.rollback(new)
-    for call in (reg.get, reg.rollback, reg.restore, reg.key, reg.adapter):
+    for call in (reg.get, reg.rollback, reg.restore, reg.keys, reg.adapter):
         with pytest.raises(EditNotFound, match="^no edit with id 12$"):
             call(12)
     with pytest.raises(ValidationError, match="edit id must be an integer"):
@@ -108,7 +108,7 @@ def test_invalid_transitions_and_unknown_ids(reg):
 
 def test_add_validates_key_and_adapter(reg):
     adapter = make_adapter(reg.config)
-    with pytest.raises(ValidationError, match=r"key must have shape \(16,\)"):
+    with pytest.raises(ValidationError, match=r"keys must have shape \(16,\) or \(n, 16\) with 1 <= n <= 64, got \(5,\)"):
         reg.add("p", "t", np.zeros(5), adapter)
     with pytest.raises(ValidationError, match="NaN"):
         reg.add("p", "t", np.full(16, np.nan), adapter)
@@ -169,17 +169,17 @@ def test_unknown_schema_version_is_refused(tmp_path, config):
     store = Store(tmp_path / "r")
     store.write(lambda txn: txn.put("meta", "schema_version", b"7"))
     store.close()
-    with pytest.raises(SchemaError, match=r"^registry schema version 7 is not supported by this version \(expects 2\)$"):
+    with pytest.raises(SchemaError, match=r"^registry schema version 7 is not supported by this version \(expects 3\)$"):
         EditRegistry.open(tmp_path / "r")
 
 
 def test_add_many_resolves_conflicts_within_and_across_batches(reg):
     first = add(reg, 1)
-    items = [{"prompt": f"p{i}", "target": "t", "key": make_key(100 + i), "adapter": make_adapter(reg.config, i)}
+    items = [{"prompt": f"p{i}", "target": "t", "keys": make_key(100 + i), "adapter": make_adapter(reg.config, i)}
              for i in range(7)]
-    items[2]["key"] = near(make_key(1))           # supersedes the committed edit
-    items[5]["key"] = near(make_key(100 + 3))     # supersedes item 3 (earlier batch)
-    items[6]["key"] = near(make_key(1), seed=7)   # supersedes item 2 (same batch)
+    items[2]["keys"] = near(make_key(1))           # supersedes the committed edit
+    items[5]["keys"] = near(make_key(100 + 3))     # supersedes item 3 (earlier batch)
+    items[6]["keys"] = near(make_key(1), seed=7)   # supersedes item 2 (same batch)
     ids = reg.add_many(items, batch_size=3)
     assert ids == list(range(2, 9))
     assert reg.get(first).superseded_by == ids[2]
@@ -192,7 +192,7 @@ def test_add_many_resolves_conflicts_within_and_across_batches(reg):
 
 
 def test_add_many_without_conflict_checks_does_not_build_the_index(reg):
-    items = ({"prompt": "p", "target": "t", "key": make_key(i), "adapter": make_adapter(reg.config, i),
+    items = ({"prompt": "p", "target": "t", "keys": make_key(i), "adapter": make_adapter(reg.config, i),
               "info": {"n": i}} for i in range(2500))
     ids = reg.add_many(items, check_conflicts=False)
     assert ids == list(range(1, 2501)) and reg._index is None
@@ -215,6 +215,6 @@ def test_stats_are_json_safe(reg):
     add(reg, 1)
     stats = json.loads(json.dumps(reg.stats()))
     assert stats["active"] == stats["total"] == 1 and stats["generation"] == 1
-    assert stats["adapter_bytes"] == 2 * 4 * (2 * 12 + 10 * 2) and stats["schema_version"] == 2
+    assert stats["adapter_bytes"] == 2 * 4 * (2 * 12 + 10 * 2) and stats["schema_version"] == 3
     assert stats["disk_bytes"] > 0 and stats["map_size"] >= stats["disk_bytes"]
     assert stats["layers"][0] == {"name": "mlp.0", "in_features": 12, "out_features": 10}

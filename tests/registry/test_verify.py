@@ -59,7 +59,7 @@ def test_corrupt_adapter_byte_is_found_and_repaired(three_edits):
 def test_corrupt_key_is_found(three_edits):
     raw_edit(three_edits, "keys", struct.pack(">Q", 3), lambda v: v[:-4])
     with EditRegistry.open(three_edits) as reg:
-        assert reg.verify().problems == ["edit 3 key has 60 bytes, expected 64"]
+        assert reg.verify().problems == ["edit 3 key has 60 bytes, expected a multiple of 64"]
 
 
 def test_wrong_counters_and_active_set_are_rebuilt(three_edits):

@@ -115,7 +115,7 @@ def make_bundle(reg: EditRegistry, path: str, size: int, seed: int) -> str:
     """`size` edits with random keys and adapters for this registry's model, exported to one bundle file."""
     rng = np.random.default_rng(seed)
     items = [{"prompt": f"bundle fact {i}", "target": " x",
-              "key": rng.standard_normal(reg.config.key_dim).astype(np.float32),
+              "keys": rng.standard_normal(reg.config.key_dim).astype(np.float32),
               "adapter": {n: torch.from_numpy(rng.standard_normal(s).astype(np.float32))
                           for n, s in adapter_shapes(reg.config).items()}} for i in range(size)]
     with EditRegistry.create(f"{path}.source", reg.config) as source:

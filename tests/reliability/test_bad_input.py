@@ -85,7 +85,7 @@ def test_an_unknown_schema_version_is_refused(registry_copy, model_dir):
     for args in (["list"], ["rollback", "1"], ["generate", FRANCE]):
         result = invoke(*args, registry=registry_copy, model=model_dir)
         assert result.exit_code == 1
-        assert_one_error_line(result.stderr, "registry schema version 99 is not supported by this version (expects 2)")
+        assert_one_error_line(result.stderr, "registry schema version 99 is not supported by this version (expects 3)")
     assert file_digest(registry_copy) == before
     real = sola("list", registry=registry_copy)  # the same through a real process: exit status and stderr
     assert real.returncode == 1 and real.stdout == ""
@@ -125,7 +125,7 @@ JSONL = {
     "blank prompt": (["", GOOD, '{"prompt": "  ", "target": " y"}'], 3, "prompt and target must be non-empty strings"),
     "not utf-8": ([GOOD, b'{"prompt": "caf\xe9", "target": " x"}'], 2, "not valid UTF-8 text"),
     "deep nesting": ([GOOD, "[" * 100000], 2, "expected a JSON object with prompt and target"),
-    "lone surrogate": ([GOOD, '{"prompt": "a\\ud800", "target": " x"}'], 2, "prompt and target must be valid Unicode text"),
+    "lone surrogate": ([GOOD, '{"prompt": "a\\ud800", "target": " x"}'], 2, "prompt, target and paraphrases must be valid Unicode text"),
     "too long": ([GOOD, GOOD, json.dumps({"prompt": LONG, "target": " x"})], 3, "tokens; the model's context is 128"),
 }
 

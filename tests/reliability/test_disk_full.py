@@ -17,7 +17,7 @@ BIG = RegistryConfig(key_dim=16, layers=[LayerSpec("big", 1024, 1024)], rank=16,
 
 def batch(rng: np.random.Generator, n: int) -> list[dict]:
     return [{"prompt": f"fact {rng.integers(1 << 30)}", "target": " x",
-             "key": rng.standard_normal(16).astype(np.float32),
+             "keys": rng.standard_normal(16).astype(np.float32),
              "adapter": {"0.A": torch.from_numpy(rng.standard_normal((16, 1024)).astype(np.float32)),
                          "0.B": torch.from_numpy(rng.standard_normal((1024, 16)).astype(np.float32))}}
             for _ in range(n)]
@@ -31,7 +31,7 @@ def test_a_full_map_is_a_clear_error_and_leaves_a_consistent_registry(tmp_path):
                 added += reg.add_many(batch(rng, 5))
         assert 0 < len(added) < 50 and reg.count() == len(added)  # the batch that did not fit left nothing
         assert reg.generation == len(added) // 5
-        assert reg.match(np.stack([reg.key(i) for i in added])).tolist() == added
+        assert reg.match(np.stack([reg.keys(i)[0] for i in added])).tolist() == added
     check_consistent(path)
     with EditRegistry.open(path, max_map_size=64 << 20) as reg:  # a bigger limit: it grows and goes on
         more = reg.add_many(batch(rng, 10))

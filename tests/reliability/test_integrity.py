@@ -44,7 +44,7 @@ def adapter_bytes(path: str, edit_id: int, dtype=np.float32, fill=None, drop_col
 
 def key_bytes(path: str, edit_id: int, fill: float) -> bytes:
     with EditRegistry.open(path, readonly=True) as reg:
-        key = reg.key(edit_id).copy()
+        key = reg.keys(edit_id)[0].copy()
     key[3] = fill
     return key.astype("<f4").tobytes()
 
@@ -59,7 +59,7 @@ DAMAGE = {
                     "edit 1 adapter tensor '0.A' contains NaN or infinite values"),
     "adapter missing": (lambda p: tamper(p, "adapters", 1, lambda v: None), "edit 1 has no stored adapter"),
     "key bit flip": (lambda p: tamper(p, "keys", 1, flip), "edit 1 key does not match its checksum"),
-    "key truncated": (lambda p: tamper(p, "keys", 1, lambda v: v[:-4]), "edit 1 key has 508 bytes, expected 512"),
+    "key truncated": (lambda p: tamper(p, "keys", 1, lambda v: v[:-4]), "edit 1 key has 508 bytes, expected a multiple of 512"),
     "key inf": (lambda p: restamp(p, 1, "key", key_bytes(p, 1, np.inf)), "edit 1 key contains NaN or infinite values"),
     "orphan adapter": (lambda p: tamper(p, "adapters", 77, lambda v: b"junk"),
                        "adapter stored for edit 77, which has no record"),

@@ -87,7 +87,7 @@ def test_two_writers_at_once_are_serialized_and_lose_nothing(registry_copy, zygo
             for r in rep:
                 if r.get("fact") is not None:
                     facts.setdefault(r["fact"], []).append(r["id"])
-        keys = [reg.key(max(versions)) for versions in facts.values()]
+        keys = [reg.keys(max(versions))[0] for versions in facts.values()]
         assert reg.match(np.stack(keys)).tolist() == [max(v) for v in facts.values()]  # the newest won
         for versions in facts.values():
             assert [reg.get(i).status for i in sorted(versions)[:-1]] == ["superseded"] * (len(versions) - 1)
