@@ -3,8 +3,9 @@ each prompt put three ways, the reply judged as a whole.
 
 - Styles: `bare` (the question or sentence as it is), `instruct` (after a QA instruction), `chat` (a user
   message in the model's own chat template, default system prompt included).
-- A reply is the greedy continuation, up to `max_new_tokens`, cut at its first full stop or line break once
-  leading whitespace is skipped (WILD stops on ".", "\\n" and end of sequence). It holds the answer when the
+- A reply is the greedy continuation, up to `max_new_tokens`, cut at its first line break or sentence-ending full
+  stop once leading whitespace is skipped (WILD stops on ".", "\\n" and end of sequence; a stop inside a number
+  or after an initial does not end a sentence here). It holds the answer when the
   normalised answer (case, punctuation, articles, spacing: SQuAD's rule) is contained in the normalised cut
   reply; `starts` also asks that it come first.
 - Locality: the whole cut reply to an unrelated or neighbouring prompt is unchanged by the edits.
@@ -45,10 +46,14 @@ def normalise(text: str) -> str:
     return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
 
 
+SENTENCE_END = re.compile(r"\n|(?<!\b[A-Z])\.(?=\s|$)")  # a line break, or a full stop ending a sentence
+
+
 def cut(reply: str) -> str:
-    """The reply up to its first full stop or line break (leading whitespace skipped)."""
-    reply = reply.lstrip()
-    return re.split(r"[.\n]", reply, maxsplit=1)[0].strip()
+    """The reply up to its first line break or the full stop that ends its first sentence (leading whitespace
+    skipped). A stop inside a number ("24,303.04") or after an initial ("Gerald R. Ford", "F.C.") ends nothing:
+    cut there, such answers could never be matched."""
+    return SENTENCE_END.split(reply.lstrip(), maxsplit=1)[0].strip()
 
 
 def loops(reply: str) -> bool:

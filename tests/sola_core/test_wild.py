@@ -17,6 +17,9 @@ SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 def test_replies_are_cut_at_the_first_stop_and_matched_after_normalising():
     assert cut("\n  Wilt Chamberlain. He scored 100.") == "Wilt Chamberlain"
     assert cut(" Paris\nThe capital") == "Paris"
+    assert cut(" President Gerald R. Ford. He") == "President Gerald R. Ford"  # an initial ends no sentence
+    assert cut(" 24,303.04 square kilometres.") == "24,303.04 square kilometres"
+    assert cut("Scunthorpe & Lindsey United F.C. in 1899") == "Scunthorpe & Lindsey United F.C. in 1899"
     assert normalise("The THALLIUM, of course!") == "thallium of course"
     assert holds(" It was the Wilt Chamberlain.", "Wilt Chamberlain") and not holds(" Wilt", "Wilt Chamberlain")
     assert holds(" Quito is it", "Quito", starts=True) and not holds(" It is Quito", "Quito", starts=True)
