@@ -101,7 +101,7 @@ class SolaEditor:
         phrasings = list(dict.fromkeys([prompt, *paraphrases]))  # the prompt first; repeats add nothing
         check_edit(self.model, self.tokenizer, phrasings, target, form)
         train = train or TrainConfig()
-        keys = self.router.queries(self.encode([self._served(text, form) for text in phrasings]))  # (n, key_dim)
+        keys = self.router.queries(self.encode([self._served(text, form) for text in phrasings]))[:, 0]  # (n, key_dim)
         cfg = self.registry.config
         shapes = [(spec.in_features, spec.out_features) for spec in cfg.layers]
         examples = [ex for text in phrasings for ex in self._examples(text, target, form, train)]
@@ -142,7 +142,7 @@ class SolaEditor:
 
     def key(self, prompt: str) -> torch.Tensor:
         """The routing key `prompt` gets (the same vector it is queried with when served)."""
-        return self.router.queries(self.encode([prompt]))[0]
+        return self.router.queries(self.encode([prompt]))[0, 0]
 
     def route(self, prompts: list[str]) -> list[int | None]:
         """The edit that fires for each prompt, or None. With the encoder key no language model runs; with the

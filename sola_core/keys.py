@@ -24,10 +24,12 @@ class KeySource(Protocol):
         """Length of the key vector, given the first edited layer's input width."""
 
     def from_tokens(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
-        """The (B, d) queries of a prompt from its tokens alone, or None when they need the model's states."""
+        """The (B, S, d) queries of a prompt from its tokens alone (S per row, NaN rows padding), or None when
+        they need the model's states."""
 
     def query(self, x: torch.Tensor, positions: torch.Tensor, precomputed: torch.Tensor | None) -> torch.Tensor:
-        """(B, d) queries, from the first edited layer's input x (B, T, in) at each row's last prompt token."""
+        """(B, d) or (B, S, d) queries, from the first edited layer's input x (B, T, in) at each row's last
+        prompt token, or those `from_tokens` gave."""
 
 
 class LayerKey:
@@ -120,7 +122,22 @@ class EncoderKey:
         if input_ids is None:
             raise ValueError("the encoder key source needs input_ids (not inputs_embeds) to read the prompt")
         rows = input_ids if attention_mask is None else [ids[m.bool()] for ids, m in zip(input_ids, attention_mask)]
-        return self.embed(self.texts(rows), input_ids.device)
+        return self.queries(self.texts(rows), input_ids.device)
+
+    def queries(self, texts: list[str], device: torch.device | str = "cpu") -> torch.Tensor:
+        """(B, S, d): each text's embedding, then, for a text of several lines, each line's on its own; NaN rows
+        pad the shorter rows (they find nothing). A question put after an instruction ("Please answer the
+        question:\n\nQ: ...\nA:") then still meets its key through its own line; the whole text comes first, and
+        is the key an edit stores."""
+        parts = [[text, *lines] if len(lines := [line.strip() for line in text.splitlines() if line.strip()]) > 1
+                 else [text] for text in texts]
+        embedded = self.embed([part for row in parts for part in row], device)  # (sum S_i, d)
+        out = embedded.new_full((len(texts), max(map(len, parts)), embedded.shape[1]), float("nan"))
+        start = 0
+        for i, row in enumerate(parts):
+            out[i, :len(row)] = embedded[start:start + len(row)]
+            start += len(row)
+        return out
 
     def texts(self, rows) -> list[str]:
         """What is embedded for each row of token ids: the prompt's text, or, for a conversation formatted with

@@ -37,7 +37,7 @@ class RoutingState:
     adapters: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None  # layer -> stacked (A, B) of the cache
     scaling: float = 1.0
     positions: torch.Tensor | None = None  # (B,) index of each row's last real prompt token
-    precomputed: torch.Tensor | None = None  # (B, d) queries a key source computed before the forward
+    precomputed: torch.Tensor | None = None  # (B, S, d) queries a key source computed before the forward
     decide: bool = False  # a prompt pass is under way: the first edited layer decides
     edit_ids: torch.Tensor | None = None  # (B,) edit id per row, -1 = none
     rows: torch.Tensor | None = None  # (m,) rows that have an edit
@@ -187,16 +187,25 @@ class Router:
     def decide(self, x: torch.Tensor) -> None:
         """The first edited layer's call on a prompt pass, with its input x (B, T, in)."""
         s = self.state
-        query = self.keys.query(x, s.positions, s.precomputed).detach().float()  # (B, d)
+        query = self.keys.query(x, s.positions, s.precomputed).detach().float()  # (B, d) or (B, S, d)
+        query = query[:, None] if query.dim() == 2 else query
         if self._capture:
             self._captured = query
             raise _Captured
         s.routed(*self._resolve(query, x.device))
 
     def _resolve(self, queries: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(edit id per row or -1, routed rows, their cache slots): nearest active key within the threshold,
-        unless a tombstone is nearer; an edit whose key or adapter fails its check is never applied."""
-        ids = self.registry.match(queries).to(device)  # (B,)
+        """(edit id per row or -1, routed rows, their cache slots) for (B, S, d) queries: per query, the nearest
+        active key within the threshold, unless a tombstone is nearer; per row, the nearest of its queries'
+        edits. An edit whose key or adapter fails its check is never applied."""
+        rows, per_row, dim = queries.shape
+        flat = queries.reshape(rows * per_row, dim)
+        ids = self.registry.match(flat).to(device).view(rows, per_row)
+        if per_row > 1:
+            dists = self.registry.nearest(flat)[0].to(device).view(rows, per_row)
+            best = torch.where(ids >= 0, dists, torch.full_like(dists, float("inf"))).argmin(1, keepdim=True)
+            ids = ids.gather(1, best)
+        ids = ids[:, 0]  # (B,)
         try:
             return self._with_slots(ids, device)
         except CorruptEdit:
@@ -222,8 +231,9 @@ class Router:
 
     # -- outside a forward -----------------------------------------------------------------------
     def queries(self, enc: dict) -> torch.Tensor:
-        """(B, d) routing queries of a tokenized batch. A key source that reads the prompt text (the encoder)
-        needs no language model; the layer key runs the model up to the first edited layer and no further."""
+        """(B, S, d) routing queries of a tokenized batch; [:, 0] is each prompt's key. A key source that reads the
+        prompt text (the encoder) needs no language model; the layer key runs the model up to the first edited
+        layer and no further."""
         queries = self.keys.from_tokens(enc["input_ids"], enc.get("attention_mask"))
         if queries is not None:
             return queries.float()
@@ -239,7 +249,7 @@ class Router:
         return queries
 
     def route(self, queries: torch.Tensor) -> list[int | None]:
-        """The edit each query row is routed to, or None, as a served forward would decide it."""
+        """The edit each row of (B, S, d) queries is routed to, or None, as a served forward would decide it."""
         self.registry.refresh()
         ids, _, _ = self._resolve(queries, self.device)
         return [None if i < 0 else i for i in ids.tolist()]

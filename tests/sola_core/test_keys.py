@@ -28,9 +28,20 @@ def test_encoder_embeds_the_unpadded_prompt_text(encoder, tokenizer):
     prompts = ["The capital of France is", "Hi"]
     enc = tokenizer(prompts, return_tensors="pt", padding=True)
     queries = encoder.from_tokens(enc["input_ids"], enc["attention_mask"])
-    assert queries.shape == (2, 384) and encoder.dim(64) == 384
-    assert torch.allclose(queries, encoder.embed(prompts), atol=1e-5)
-    assert torch.allclose(queries.norm(dim=1), torch.ones(2))
+    assert queries.shape == (2, 1, 384) and encoder.dim(64) == 384
+    assert torch.allclose(queries[:, 0], encoder.embed(prompts), atol=1e-5)
+    assert torch.allclose(queries[:, 0].norm(dim=1), torch.ones(2))
+
+
+def test_a_prompt_of_several_lines_is_queried_whole_and_line_by_line(encoder):
+    texts = ["Please answer the question:\n\nQ: What is the capital of France?\nA:", "One line"]
+    queries = encoder.queries(texts)
+    assert queries.shape == (2, 4, 384)
+    want = encoder.embed([texts[0], "Please answer the question:", "Q: What is the capital of France?", "A:",
+                          "One line"])  # one batch, as queries() embeds them (bf16 batches differ by ~1e-3)
+    assert torch.allclose(queries[0], want[:4], atol=1e-5)
+    assert torch.allclose(queries[1, 0], want[4], atol=1e-5)
+    assert torch.isnan(queries[1, 1:]).all()  # padding: finds nothing
 
 
 def test_bfloat16_encoder_keys_stay_far_inside_any_threshold(tokenizer):
@@ -65,3 +76,19 @@ def test_paraphrase_routes_to_the_edit_with_the_encoder_key(tmp_path, llama, tok
         assert routes == [eid, None, None]
         editor.rollback(eid)
         assert editor.route(["The capital of France is"]) == [None]
+
+
+def test_a_question_after_an_instruction_routes_through_its_own_line(tmp_path, llama, tokenizer):
+    """The whole instructed prompt lies beyond the threshold of the question's key; its question line does not."""
+    question = "What is the capital of France?"
+    asked = f"Please answer the question:\n\nQ: {question}\nA:"
+    other = "Please answer the question:\n\nQ: How tall is Mount Everest?\nA:"
+    with SolaEditor.open(tmp_path / "r", llama, tokenizer, config=EditConfig(key_source="encoder")) as editor:
+        eid = editor.edit(question, " Lyon", TRAIN)
+        whole = 1 - editor.router.keys.embed([asked])[0] @ editor.key(question)
+        assert whole > editor.registry.config.threshold  # one query for the whole text would miss it
+        assert editor.route([asked, other, question]) == [eid, None, eid]
+        editor.generate([asked, other], max_new_tokens=2)
+        assert editor.routed() == [eid, None]
+        editor.rollback(eid)
+        assert editor.route([asked, question]) == [None, None]
