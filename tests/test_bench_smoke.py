@@ -35,3 +35,17 @@ def test_quick_runs_write_results(tmp_path):
         data = json.loads((tmp_path / f"{name}.json").read_text())
         assert data["machine"]["nproc"] >= 1
         assert (tmp_path / f"{name}.png").stat().st_size > 0
+
+
+def test_routing_by_style_sweeps_thresholds():
+    """bench/routing_styles.py on our fact set: a wider threshold routes at least as many rephrases, and more
+    outsiders too (the trade-off it is run to show)."""
+    proc = subprocess.run([sys.executable, str(BENCH / "routing_styles.py"), "--dataset", "facts", "--edits", "20",
+                           "--thresholds", "0.15,0.4"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    tight, wide = json.loads(proc.stdout)
+    assert (tight["threshold"], wide["threshold"], tight["edits"]) == (0.15, 0.4, 20)
+    for style in ("bare", "instruct", "chat"):
+        assert tight[f"{style}/routed"] == wide[f"{style}/routed"] == 1.0
+        assert tight[f"{style}/rephrases_routed"] <= wide[f"{style}/rephrases_routed"]
+        assert tight[f"{style}/false_routes"] <= wide[f"{style}/false_routes"]

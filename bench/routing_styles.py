@@ -1,0 +1,76 @@
+"""Routing alone, in each input style: which edit prompts and rephrases reach their own edit, and how many
+locality prompts (unrelated questions, same-relation neighbours) reach any, with no adapter trained (every edit's
+adapter is zero; only its keys matter).
+
+    python bench/routing_styles.py --dataset qaedit --edits 300                  # prints JSON in seconds
+    python bench/routing_styles.py --dataset facts --thresholds 0.15,0.2,0.25    # one report per threshold
+
+It isolates the routing half of `sola eval --dataset`'s in-use metrics (routed / rephrases_routed / false_routes:
+the same numbers, from the same code), so a routing change can be measured on all 300 records at once.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.quality import DATASETS  # noqa: E402
+from registry.codec import adapter_shapes  # noqa: E402
+from sola_core import SolaEditor  # noqa: E402
+from sola_core.datasets import load_cases  # noqa: E402
+from sola_core.evaluate import batched, mean  # noqa: E402
+from sola_core.models import load_model  # noqa: E402
+from sola_core.wild import STYLES, styled  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dataset", default="qaedit", help="qaedit, counterfact, facts or a JSONL path")
+    ap.add_argument("--edits", type=int, default=300)
+    ap.add_argument("--paraphrases", action="store_true", help="store each case's paraphrases as keys too")
+    ap.add_argument("--thresholds", default=None, help="comma-separated routing thresholds (default: the registry's)")
+    args = ap.parse_args()
+    model, tokenizer = load_model(None)
+    cases = load_cases(DATASETS.get(args.dataset, args.dataset), limit=args.edits)
+    thresholds = [float(t) for t in args.thresholds.split(",")] if args.thresholds else [None]
+    with tempfile.TemporaryDirectory() as tmp, SolaEditor.open(f"{tmp}/r", model, tokenizer) as editor:
+        zero = {name: torch.zeros(shape) for name, shape in adapter_shapes(editor.registry.config).items()}
+        ids = []
+        for case in cases:
+            texts = [case.prompt, *(case.paraphrases if args.paraphrases else [])]
+            keys = torch.stack([editor.key(text) for text in texts])
+            ids.append(editor.registry.add(case.prompt, " " + case.answer, keys.cpu().numpy(), zero,
+                                           paraphrases=texts[1:]))
+        reports = [measure(editor, cases, ids, tokenizer, t) for t in thresholds]
+    for report in reports:
+        report.update(dataset=args.dataset, edits=len(cases), paraphrases=args.paraphrases,
+                      load_average=round(os.getloadavg()[0], 2))
+    print(json.dumps(reports if args.thresholds else reports[0], indent=2))
+
+
+def measure(editor, cases, ids, tokenizer, threshold: float | None) -> dict:
+    if threshold is not None:
+        editor.registry.set_threshold(threshold)
+    report = {"threshold": editor.registry.config.threshold}
+    for style in STYLES:
+        def put(items):
+            return [styled(text, kind, style, tokenizer) for text, kind in items]
+
+        own = put([(c.prompt, c.kind) for c in cases])
+        rephrased = [(p, c.kind, i) for c, i in zip(cases, ids) for p in c.rephrases]
+        outsiders = put([(p, c.kind) for c in cases for p in c.unrelated[:1] + c.neighbours])
+        report[f"{style}/routed"] = mean([r == i for r, i in zip(batched(editor.route, own), ids)])
+        report[f"{style}/rephrases_routed"] = mean([r == i for r, (_, _, i) in zip(
+            batched(editor.route, put([(p, k) for p, k, _ in rephrased])), rephrased)])
+        report[f"{style}/false_routes"] = mean([r is not None for r in batched(editor.route, outsiders)])
+    return report
+
+
+if __name__ == "__main__":
+    main()
