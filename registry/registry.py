@@ -340,8 +340,8 @@ class EditRegistry:
     def _keys_for(self, txn: Txn, events: list[dict]) -> dict[int, np.ndarray]:
         ids = {i for event in events for i in event["activated"] + event.get("entombed", [])}
         rows, keys = _read_keys(txn, sorted(ids), self._config.key_dim)
-        rows = np.asarray(rows, dtype=np.int64)
-        return {i: keys[rows == i] for i in dict.fromkeys(rows.tolist())}
+        found, starts, counts = np.unique(np.asarray(rows, dtype=np.int64), return_index=True, return_counts=True)
+        return {i: keys[start:start + n] for i, start, n in zip(found.tolist(), starts.tolist(), counts.tolist())}
 
     def _apply(self, event: dict, keys: dict[int, np.ndarray]) -> None:
         if event["op"] == "config":
@@ -473,7 +473,7 @@ def _record(txn: Txn, edit_id: int) -> Record:
 
 def _read_keys(txn: Txn, ids: list[int], dim: int, spare: int = 0) -> tuple[list[int], np.ndarray]:
     """Every readable key of ``ids``, as the first rows of an (n + spare, dim) matrix, and the id of each row
-    (an edit with several keys gives several rows).
+    (an edit with several keys gives several rows, next to each other, in the order of ``ids``).
 
     Each key is copied once, straight from the store into the matrix. A missing, short or non-finite
     key is left out with a warning naming its edit: one corrupt edit must not stop the others from
