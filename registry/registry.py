@@ -195,9 +195,10 @@ class EditRegistry:
         dists, ids = self._ensure_index().search(queries, 1)
         return dists[:, 0], ids[:, 0]
 
-    def match(self, queries: Any) -> Any:
+    def match(self, queries: Any, distances: bool = False) -> Any:
         """The edit id routed to per query row, or -1: when no active key lies within the threshold, or when a
-        rolled-back edit's key (a tombstone) lies nearer than the nearest active key.
+        rolled-back edit's key (a tombstone) lies nearer than the nearest active key. With ``distances``,
+        (distance to the nearest active key, id) from the same search.
 
         Tombstones make rollback exact: the inputs an edit took over go back to the base model, not to a
         neighbouring edit that happens to lie within the threshold. "Nearer" is by more than the supersede
@@ -212,8 +213,10 @@ class EditRegistry:
             margin = self._chord(np.float64(self._config.supersede_distance))
             routed &= self._chord(dists) <= self._chord(tomb_dists) + margin
         if isinstance(ids, torch.Tensor):
-            return torch.where(routed, ids, torch.full_like(ids, -1))
-        return np.where(routed, ids, -1)
+            ids = torch.where(routed, ids, torch.full_like(ids, -1))
+        else:
+            ids = np.where(routed, ids, -1)
+        return (dists, ids) if distances else ids
 
     def _chord(self, dist: Any) -> Any:
         """Distance as a metric (triangle inequality): cosine distance 1 - cos(a, b) of unit keys is |a - b|^2 / 2."""

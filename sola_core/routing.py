@@ -200,9 +200,10 @@ class Router:
         edits. An edit whose key or adapter fails its check is never applied."""
         rows, per_row, dim = queries.shape
         flat = queries.reshape(rows * per_row, dim)
-        ids = self.registry.match(flat).to(device).view(rows, per_row)
+        dists, ids = self.registry.match(flat, distances=True)
+        ids = ids.to(device).view(rows, per_row)
         if per_row > 1:
-            dists = self.registry.nearest(flat)[0].to(device).view(rows, per_row)
+            dists = dists.to(device).view(rows, per_row)
             best = torch.where(ids >= 0, dists, torch.full_like(dists, float("inf"))).argmin(1, keepdim=True)
             ids = ids.gather(1, best)
         ids = ids[:, 0]  # (B,)

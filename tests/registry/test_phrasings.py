@@ -33,6 +33,9 @@ def test_every_phrasing_routes_to_its_edit_and_all_leave_together(reg):
     assert reg.match(queries).tolist() == [edit, edit, edit, other, -1]
     reg.rollback(edit)
     assert reg.match(queries).tolist() == [-1, -1, -1, other, -1]
+    dists, ids = reg.match(queries, distances=True)  # the nearest active key's distance, from the same search
+    assert ids.tolist() == [-1, -1, -1, other, -1]
+    np.testing.assert_array_equal(dists, reg.nearest(queries)[0])
     assert reg.verify().ok
     reg.restore(edit)
     assert reg.match(queries).tolist() == [edit, edit, edit, other, -1]
