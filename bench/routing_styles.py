@@ -6,7 +6,8 @@ adapter is zero; only its keys matter).
     python bench/routing_styles.py --dataset facts --thresholds 0.15,0.2,0.25    # one report per threshold
 
 It isolates the routing half of `sola eval --dataset`'s in-use metrics (routed / rephrases_routed / false_routes:
-the same numbers, from the same code), so a routing change can be measured on all 300 records at once.
+the same numbers, from the same function, `wild.routing_metrics`), so a routing change can be measured on all
+300 records at once.
 """
 from __future__ import annotations
 
@@ -24,9 +25,8 @@ from bench.quality import DATASETS  # noqa: E402
 from registry.codec import adapter_shapes  # noqa: E402
 from sola_core import SolaEditor  # noqa: E402
 from sola_core.datasets import load_cases  # noqa: E402
-from sola_core.evaluate import batched, mean  # noqa: E402
 from sola_core.models import load_model  # noqa: E402
-from sola_core.wild import STYLES, styled  # noqa: E402
+from sola_core.wild import STYLES, routing_metrics  # noqa: E402
 
 
 def main() -> None:
@@ -59,16 +59,7 @@ def measure(editor, cases, ids, tokenizer, threshold: float | None) -> dict:
         editor.registry.set_threshold(threshold)
     report = {"threshold": editor.registry.config.threshold}
     for style in STYLES:
-        def put(items):
-            return [styled(text, kind, style, tokenizer) for text, kind in items]
-
-        own = put([(c.prompt, c.kind) for c in cases])
-        rephrased = [(p, c.kind, i) for c, i in zip(cases, ids) for p in c.rephrases]
-        outsiders = put([(p, c.kind) for c in cases for p in c.unrelated[:1] + c.neighbours])
-        report[f"{style}/routed"] = mean([r == i for r, i in zip(batched(editor.route, own), ids)])
-        report[f"{style}/rephrases_routed"] = mean([r == i for r, (_, _, i) in zip(
-            batched(editor.route, put([(p, k) for p, k, _ in rephrased])), rephrased)])
-        report[f"{style}/false_routes"] = mean([r is not None for r in batched(editor.route, outsiders)])
+        report.update(routing_metrics(editor.route, cases, ids, style, tokenizer))
     return report
 
 

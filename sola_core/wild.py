@@ -102,7 +102,8 @@ def evaluate_in_use(method: Method, cases: list[Case], tokenizer, *, styles=STYL
         if progress:
             progress(1)
 
-    metrics: dict = {"edits": len(cases), "paraphrases_given": sum(len(c.paraphrases) for c in cases) if paraphrases else 0}
+    given = sum(len(c.paraphrases) for c in cases) if paraphrases else 0
+    metrics: dict = {"edits": len(cases), "paraphrases_given": given}
     rephrased = [(p, c.kind, c.answer) for c in cases for p in c.rephrases]
     for s in styles:
         got = replies(put(own, s))
@@ -112,13 +113,7 @@ def evaluate_in_use(method: Method, cases: list[Case], tokenizer, *, styles=STYL
         metrics[f"{s}/generalization"] = mean([holds(r, a) for r, (_, _, a) in zip(again, rephrased)])
         metrics[f"{s}/loops"] = mean([loops(r) for r in got + again])
         if route:
-            owners = [i for i, c in zip(ids, cases) for _ in c.rephrases]
-            metrics[f"{s}/routed"] = mean([r == i for r, i in zip(batched(route, put(own, s)), ids)])
-            metrics[f"{s}/rephrases_routed"] = mean([r == i for r, i in
-                                                     zip(batched(route, put([(p, k) for p, k, _ in rephrased], s)),
-                                                         owners)])
-            outsiders = put(probes["unrelated"] + probes["neighbours"], s)
-            metrics[f"{s}/false_routes"] = mean([r is not None for r in batched(route, outsiders)])
+            metrics.update(routing_metrics(route, cases, ids, s, tokenizer))
         for name, items in probes.items():
             if items:
                 after = [cut(r) for r in replies(put(items, s))]
@@ -137,6 +132,22 @@ def evaluate_in_use(method: Method, cases: list[Case], tokenizer, *, styles=STYL
     edits = [{"id": i, "prompt": c.prompt, "answer": c.answer, "seconds": round(t, 4)}
              for i, c, t in zip(ids, cases, seconds)]
     return Report(metrics, edits)
+
+
+def routing_metrics(route: Callable[[list[str]], list[int | None]], cases: list[Case], ids: list[int], style: str,
+                    tokenizer) -> dict:
+    """In one style: the share of edit prompts and of rephrases that reach their own edit (`ids`, one per case),
+    and of locality prompts (unrelated and neighbouring) that reach any edit."""
+    def put(items: list[tuple[str, str]]) -> list[str]:
+        return [styled(text, kind, style, tokenizer) for text, kind in items]
+
+    own = [(c.prompt, c.kind) for c in cases]
+    rephrased = [(p, c.kind) for c in cases for p in c.rephrases]
+    owners = [i for i, c in zip(ids, cases) for _ in c.rephrases]
+    outsiders = [(p, c.kind) for c in cases for p in c.unrelated[:1] + c.neighbours]
+    return {f"{style}/routed": mean([r == i for r, i in zip(batched(route, put(own)), ids)]),
+            f"{style}/rephrases_routed": mean([r == i for r, i in zip(batched(route, put(rephrased)), owners)]),
+            f"{style}/false_routes": mean([r is not None for r in batched(route, put(outsiders))])}
 
 
 def holds(reply: str, answer: str, starts: bool = False) -> bool:
