@@ -1,8 +1,8 @@
 """Bytes in, bytes out: how keys, adapters and metadata are written to the store.
 
-An edit's keys (one per phrasing of its fact, the prompt's first) are raw little-endian float32 rows, adapters are safetensors, metadata is JSON: nothing is
-ever pickled. Adapter tensor names carry no edit id (``"0.A"``, ``"0.B"`` for layer 0), so an
-adapter's bytes do not depend on where it is stored.
+An edit's keys (one per phrasing of its fact, the prompt's first) are raw little-endian float32 rows, adapters
+are safetensors, metadata is JSON: nothing is ever pickled. Adapter tensor names carry no edit id (``"0.A"``,
+``"0.B"`` for layer 0), so an adapter's bytes do not depend on where it is stored.
 """
 from __future__ import annotations
 

@@ -176,7 +176,8 @@ def read_jsonl(path: str) -> list[tuple[int, dict]]:
             try:
                 "".join(texts + edit["paraphrases"]).encode("utf-8")
             except UnicodeEncodeError:  # a lone surrogate: JSON allows it, tokenizers and terminals do not
-                raise click.ClickException(f"{path} line {n}: {asked}, {said} and paraphrases must be valid Unicode text") from None
+                raise click.ClickException(f"{path} line {n}: {asked}, {said} and paraphrases must be valid Unicode "
+                                           "text") from None
             edits.append((n, edit))
     return edits
 

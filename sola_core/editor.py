@@ -26,6 +26,7 @@ from .models import block_of, default_layers
 from .routing import Router
 from .train import train_adapter
 
+
 class SolaEditor:
     """One model, patched in place, serving and editing one registry."""
 
@@ -101,7 +102,8 @@ class SolaEditor:
         phrasings = list(dict.fromkeys([prompt, *paraphrases]))  # the prompt first; repeats add nothing
         check_edit(self.model, self.tokenizer, phrasings, target, form)
         train = train or TrainConfig()
-        keys = self.router.queries(self.encode([self._served(text, form) for text in phrasings]))[:, 0]  # (n, key_dim)
+        served = self.encode([self._served(text, form) for text in phrasings])
+        keys = self.router.queries(served)[:, 0]  # (n, key_dim): each phrasing's whole-text query
         cfg = self.registry.config
         shapes = [(spec.in_features, spec.out_features) for spec in cfg.layers]
         examples = [ex for text in phrasings for ex in self._examples(text, target, form, train)]
@@ -136,7 +138,7 @@ class SolaEditor:
         examples = []
         for pair in filter(None, forms):
             ids = torch.tensor([pair[0] + pair[1]], device=self.device)
-            if not examples or not limit or ids.shape[1] <= limit:  # a secondary form too long for the context is left out
+            if not examples or not limit or ids.shape[1] <= limit:  # a secondary form beyond the context: left out
                 examples.append((ids, len(pair[1])))
         return examples
 
