@@ -26,6 +26,7 @@ class Case:
     unrelated: list[str] = field(default_factory=list)  # other facts: reply must not change
     source: str = ""
     paraphrases: list[str] = field(default_factory=list)  # phrasings a user may give with the edit (never judged)
+    same_subject: list[str] = field(default_factory=list)  # another attribute of the subject: reply must not change
 
 
 def tidy(answer: str) -> str:
@@ -35,7 +36,7 @@ def tidy(answer: str) -> str:
 
 def load_cases(path: str | Path, limit: int | None = None) -> list[Case]:
     """Cases from a JSONL file: QAEdit records, COUNTERFACT (KnowEdit) records, or our own
-    {"prompt", "answer", "kind", "paraphrases", "rephrases", "neighbours", "unrelated"} lines
+    {"prompt", "answer", "kind", "paraphrases", "rephrases", "neighbours", "unrelated", "same_subject"} lines
     (bench/data/facts_300.jsonl)."""
     path = Path(path)
     if not path.is_file():
@@ -66,4 +67,4 @@ def case_of(record: dict, source: str) -> Case:
         raise KeyError(f"kind must be one of {KINDS}")
     return Case(record["prompt"], tidy(record["answer"]), kind, list(record.get("rephrases", [])),
                 list(record.get("neighbours", [])), list(record.get("unrelated", [])), source,
-                list(record.get("paraphrases", [])))
+                list(record.get("paraphrases", [])), list(record.get("same_subject", [])))

@@ -8,7 +8,8 @@ each prompt put three ways, the reply judged as a whole.
   or after an initial does not end a sentence here). It holds the answer when the
   normalised answer (case, punctuation, articles, spacing: SQuAD's rule) is contained in the normalised cut
   reply; `starts` also asks that it come first.
-- Locality: the whole cut reply to an unrelated or neighbouring prompt is unchanged by the edits.
+- Locality: the whole cut reply to an unrelated prompt (`locality`), a same-relation neighbour
+  (`neighbourhood_locality`) or another attribute of an edited subject (`subject_locality`) is unchanged.
 - Rollback fidelity: logits bit-identical to the unedited model's after rolling back a random half, per style.
 - Loops: replies that repeat a phrase three times in a row ("Quito, Quito, Quito").
 """
@@ -86,8 +87,9 @@ def evaluate_in_use(method: Method, cases: list[Case], tokenizer, *, styles=STYL
     def replies(prompts: list[str]) -> list[str]:
         return batched(lambda b: method.generate(b, max_new_tokens), prompts)
 
-    probes = {"neighbours": [(p, c.kind) for c in cases for p in c.neighbours],
-              "unrelated": [(p, c.kind) for c in cases for p in c.unrelated[:1]]}
+    probes = {"neighbourhood_locality": [(p, c.kind) for c in cases for p in c.neighbours],
+              "locality": [(p, c.kind) for c in cases for p in c.unrelated[:1]],
+              "subject_locality": [(p, "completion") for c in cases for p in c.same_subject]}
     before = {(name, s): [cut(r) for r in replies(put(items, s))] for name, items in probes.items() for s in styles}
     half = sorted(random.Random(seed).sample(range(len(cases)), len(cases) // 2)) if rollback else []
     own = [(c.prompt, c.kind) for c in cases]
@@ -117,8 +119,7 @@ def evaluate_in_use(method: Method, cases: list[Case], tokenizer, *, styles=STYL
         for name, items in probes.items():
             if items:
                 after = [cut(r) for r in replies(put(items, s))]
-                metrics[f"{s}/{'locality' if name == 'unrelated' else 'neighbourhood_locality'}"] = \
-                    mean([a == b for a, b in zip(after, before[(name, s)])])
+                metrics[f"{s}/{name}"] = mean([a == b for a, b in zip(after, before[(name, s)])])
     if rollback:
         for i in half:
             rollback(ids[i])
@@ -137,7 +138,8 @@ def evaluate_in_use(method: Method, cases: list[Case], tokenizer, *, styles=STYL
 def routing_metrics(route: Callable[[list[str]], list[int | None]], cases: list[Case], ids: list[int], style: str,
                     tokenizer) -> dict:
     """In one style: the share of edit prompts and of rephrases that reach their own edit (`ids`, one per case),
-    and of locality prompts (unrelated and neighbouring) that reach any edit."""
+    and of locality prompts (unrelated and neighbouring) that reach any edit; where the cases have them, also of
+    prompts about another attribute of an edited subject."""
     def put(items: list[tuple[str, str]]) -> list[str]:
         return [styled(text, kind, style, tokenizer) for text, kind in items]
 
@@ -145,9 +147,13 @@ def routing_metrics(route: Callable[[list[str]], list[int | None]], cases: list[
     rephrased = [(p, c.kind) for c in cases for p in c.rephrases]
     owners = [i for i, c in zip(ids, cases) for _ in c.rephrases]
     outsiders = [(p, c.kind) for c in cases for p in c.unrelated[:1] + c.neighbours]
-    return {f"{style}/routed": mean([r == i for r, i in zip(batched(route, put(own)), ids)]),
-            f"{style}/rephrases_routed": mean([r == i for r, i in zip(batched(route, put(rephrased)), owners)]),
-            f"{style}/false_routes": mean([r is not None for r in batched(route, put(outsiders))])}
+    same = [(p, "completion") for c in cases for p in c.same_subject]
+    metrics = {f"{style}/routed": mean([r == i for r, i in zip(batched(route, put(own)), ids)]),
+               f"{style}/rephrases_routed": mean([r == i for r, i in zip(batched(route, put(rephrased)), owners)]),
+               f"{style}/false_routes": mean([r is not None for r in batched(route, put(outsiders))])}
+    if same:
+        metrics[f"{style}/subject_false_routes"] = mean([r is not None for r in batched(route, put(same))])
+    return metrics
 
 
 def holds(reply: str, answer: str, starts: bool = False) -> bool:

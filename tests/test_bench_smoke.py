@@ -49,3 +49,4 @@ def test_routing_by_style_sweeps_thresholds():
         assert tight[f"{style}/routed"] == wide[f"{style}/routed"] == 1.0
         assert tight[f"{style}/rephrases_routed"] <= wide[f"{style}/rephrases_routed"]
         assert tight[f"{style}/false_routes"] <= wide[f"{style}/false_routes"]
+        assert tight[f"{style}/subject_false_routes"] <= wide[f"{style}/subject_false_routes"]

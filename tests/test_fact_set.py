@@ -19,8 +19,8 @@ GEOGRAPHY = {"capital_of", "located_in", "located_in_country", "country_of", "co
              "capital_city_of", "borders"}
 MAX_GEOGRAPHY = 2
 FIELDS = {"relation": str, "subject": str, "kind": str, "prompt": str, "answer": str, "true_answer": str,
-          "paraphrases": list, "rephrases": list, "neighbours": list}
-LIST_LENGTHS = {"paraphrases": 2, "rephrases": 3, "neighbours": 2}
+          "paraphrases": list, "rephrases": list, "neighbours": list, "same_subject": list}
+LIST_LENGTHS = {"paraphrases": 2, "rephrases": 3, "neighbours": 2, "same_subject": 1}
 END_PUNCT = ".?!,;:"
 
 
@@ -66,7 +66,7 @@ def test_fields_and_types():
             assert len(rec[name]) == n, f"{where}: {name} has {len(rec[name])} items, expected {n}"
             assert all(isinstance(s, str) for s in rec[name]), f"{where}: {name} items must be strings"
         for text in [rec["relation"], rec["subject"], rec["prompt"], rec["answer"], rec["true_answer"],
-                     *rec["paraphrases"], *rec["rephrases"], *rec["neighbours"]]:
+                     *rec["paraphrases"], *rec["rephrases"], *rec["neighbours"], *rec["same_subject"]]:
             assert text and text == text.strip(), f"{where}: empty or padded string {text!r}"
             assert "\n" not in text and "\r" not in text, f"{where}: newline inside {text!r}"
         assert re.fullmatch(r"[a-z][a-z0-9]*(_[a-z0-9]+)*", rec["relation"]), \
@@ -166,3 +166,14 @@ def test_neighbours():
             seen[text] = no
             for subj, pat in patterns:
                 assert not pat.search(text), f"{where}: neighbour {text!r} mentions edited subject {subj!r}"
+
+
+def test_same_subject_probes_ask_another_attribute_of_the_subject():
+    edit_strings = {s for _, rec in RECORDS for s in _edit_strings(rec)}
+    for no, rec in RECORDS:
+        where = _where(no, rec)
+        (probe,) = rec["same_subject"]
+        assert _is_completion(probe), f"{where}: same_subject {probe!r} should be a completion"
+        assert rec["subject"].lower() in probe.lower(), f"{where}: same_subject {probe!r} lacks the subject"
+        assert probe not in edit_strings, f"{where}: same_subject {probe!r} is an edit string"
+        assert rec["answer"].lower() not in probe.lower(), f"{where}: same_subject {probe!r} holds the answer"

@@ -51,6 +51,12 @@ def test_the_third_party_datasets_load_where_they_lie():
     assert cf[0].kind == "completion" and cf[0].answer == "English" and cf[0].neighbours and cf[0].rephrases
 
 
+def test_our_fact_set_loads_with_every_probe():
+    cases = load_cases(Path(__file__).resolve().parents[2] / "bench" / "data" / "facts_300.jsonl")
+    assert len(cases) == 300 and len(cases[0].paraphrases) == 2 and len(cases[0].neighbours) == 2
+    assert cases[0].same_subject == ["The official language of Japan is"]
+
+
 def test_a_file_of_another_shape_is_one_clear_error(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps({"question": "Who?"}) + "\n")
@@ -63,7 +69,8 @@ def test_the_harness_judges_every_style(tmp_path, llama, tokenizer):
     tok.chat_template = CHATML
     cases = [Case("The capital of France is", "Tokyo", "completion", ["The capital of France is"],
                   ["The capital of Italy is"], ["Water boils at"]),
-             Case("The largest planet is", "Rome", "completion", [], [], ["Hello, how are you today?"])]
+             Case("The largest planet is", "Rome", "completion", [], [], ["Hello, how are you today?"],
+                  same_subject=["The largest planet has a moon called"])]
     train = TrainConfig(lr=0.1, max_steps=300, margin=0.5)
     report = evaluate_sola_in_use(llama, tok, cases, str(tmp_path / "r"), config=EditConfig(key_source="encoder"),
                                   train=train, max_new_tokens=8)
@@ -73,4 +80,5 @@ def test_the_harness_judges_every_style(tmp_path, llama, tokenizer):
     for style in ("bare", "instruct", "chat"):
         assert m[f"{style}/locality"] == 1.0 and m[f"{style}/rollback_fidelity"] == 1.0
         assert 0.0 <= m[f"{style}/reliability"] <= 1.0 and f"{style}/loops" in m and f"{style}/false_routes" in m
+        assert 0.0 <= m[f"{style}/subject_locality"] <= 1.0 and 0.0 <= m[f"{style}/subject_false_routes"] <= 1.0
     assert m["edits"] == 2 and m["edits_stopped_short"] in (0, 1, 2)
