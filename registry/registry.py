@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from . import bundle, verify
+from . import bundle, peft_format, verify
 from .codec import (KEY_DTYPE, LIBRARY_VERSION, MAX_KEYS, SCHEMA_VERSION, adapter_nbytes, decode_adapter, decode_json,
                     decode_keys)
 from .errors import CorruptEdit, EditNotFound, ReadOnlyError, RegistryError, SchemaError, ValidationError
@@ -394,6 +394,18 @@ class EditRegistry:
 
     def export(self, path: str | os.PathLike, status: str | None = "active") -> int:
         """Write the edits with ``status`` (None: all) to one safetensors bundle; returns the count."""
+        records, keys, adapters = self._contents(status)
+        bundle.write(os.fspath(path), self._config, records, keys, adapters)
+        return len(records)
+
+    def export_peft(self, directory: str | os.PathLike, base_model: str, status: str | None = "active") -> list[dict]:
+        """Write one PEFT LoRA adapter directory per edit with ``status``, plus an index of names, edits and keys
+        (registry/peft_format.py); returns the index rows. ``base_model`` is the name the serving engine knows the
+        base model by (vLLM's filesystem resolver only loads adapters whose config names the served model)."""
+        records, keys, adapters = self._contents(status)
+        return peft_format.write(os.fspath(directory), self._config, records, keys, adapters, base_model)
+
+    def _contents(self, status: str | None) -> tuple[list[Record], dict[int, np.ndarray], dict[int, dict]]:
         records = list(self.records(status))
         keys: dict[int, np.ndarray] = {}
         adapters: dict[int, dict[str, torch.Tensor]] = {}
@@ -401,8 +413,7 @@ class EditRegistry:
             ids = [rec.id for rec in records[start:start + _CHUNK]]
             keys.update((i, self.keys(i)) for i in ids)
             adapters.update(self.adapters(ids))
-        bundle.write(os.fspath(path), self._config, records, keys, adapters)
-        return len(records)
+        return records, keys, adapters
 
     def import_(self, path: str | os.PathLike) -> list[int]:
         """Add every edit of a bundle in one transaction (all or nothing); returns the new ids."""

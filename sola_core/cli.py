@@ -350,13 +350,27 @@ def verify(ctx, repair, with_model, as_json):
 
 
 @cli.command()
-@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("path", type=click.Path())
 @click.option("--status", type=click.Choice(["active", "superseded", "rolled_back"]), default="active", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["bundle", "peft"]), default="bundle", show_default=True,
+              help="bundle: one safetensors FILE another registry imports; peft: a DIRECTORY of PEFT LoRA adapters, "
+                   "one per edit, plus index.json and keys.safetensors (what PEFT, vLLM, SGLang and LoRAX load).")
+@click.option("--base-model", default=None,
+              help="peft: the base model's name as the serving engine knows it (default: --model).")
+@json_option
 @click.pass_context
-def export(ctx, file, status):
-    """Write edits (records, keys, adapters) to one safetensors bundle FILE."""
-    n = open_registry(ctx, readonly=True).export(file, status=status)
-    click.echo(f"exported {n} edits to {file}")
+def export(ctx, path, status, fmt, base_model, as_json):
+    """Write edits to PATH: a bundle file, or (--format peft) a directory of PEFT adapters."""
+    registry = open_registry(ctx, readonly=True)
+    if fmt == "bundle":
+        if Path(path).is_dir():
+            raise click.UsageError(f"{path} is a directory; a bundle is one file (or say --format peft)")
+        n = registry.export(path, status=status)
+        say(as_json, {"exported": n, "path": path}, f"exported {n} edits to {path}")
+        return
+    rows = registry.export_peft(path, base_model or ctx.obj["model"], status=status)
+    say(as_json, {"exported": len(rows), "path": path, "adapters": rows},
+        f"exported {len(rows)} edits to {path} as PEFT adapters (index in {Path(path) / 'index.json'})")
 
 
 @cli.command("import")

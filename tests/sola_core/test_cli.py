@@ -82,6 +82,19 @@ def test_export_import_round_trip(run, tmp_path):
     assert json.loads(run("route", "The capital of France is", "--json").stdout)[0]["edit"] == imported[0]
 
 
+def test_export_as_peft_adapters(run, tmp_path):
+    init(run)
+    eid = json.loads(run(*EDIT, "--json").stdout)[0]["id"]
+    out = tmp_path / "peft"
+    result = json.loads(run("export", "--format", "peft", "--base-model", "tiny", str(out), "--json").stdout)
+    (row,) = result["adapters"]
+    assert result["exported"] == 1 and row["edit_id"] == eid
+    assert json.loads((out / row["name"] / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny"
+    assert json.loads((out / "index.json").read_text())["adapters"] == [row]
+    failed = run("export", str(out), ok=False)  # a bundle is one file
+    assert failed.exit_code == 2 and f"{out} is a directory; a bundle is one file (or say --format peft)" in failed.output
+
+
 @pytest.mark.parametrize("args, message", [
     (["show", "99"], "Error: no edit with id 99"),
     (["rollback", "99"], "Error: no edit with id 99"),
