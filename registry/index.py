@@ -264,8 +264,21 @@ class KeyIndex:
             d, rows = d.cpu().numpy(), rows.cpu().numpy()
         else:
             d, rows = faiss.knn(q, self._keys[: self._n], k, metric=metric)
-        d = 1.0 - d if self.metric == "cosine" else np.sqrt(np.maximum(d, 0.0))
-        return d, rows
+        return (1.0 - d, rows) if self.metric == "cosine" else self._exact_l2(q, rows)
+
+    def _exact_l2(self, q: np.ndarray | torch.Tensor, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Euclidean distances of the rows faiss found, recomputed as |q - k| and re-sorted. faiss's L2 expands
+        |q - k|^2 as |q|^2 + |k|^2 - 2 q.k, whose float32 rounding the square root magnifies near zero: with
+        faiss-cpu 1.15 a stored key found itself at 0.002 instead of 0."""
+        found = np.maximum(rows, 0)
+        if self._on_torch:
+            picked = self._keys[torch.from_numpy(found).to(self._keys.device)]  # (n, k, dim)
+            d = (q[:, None, :].to(picked.dtype) - picked).norm(dim=2).cpu().numpy()
+        else:
+            d = np.linalg.norm(q[:, None, :] - self._keys[found], axis=2)
+        d = np.where(rows >= 0, d, np.inf).astype(np.float32)
+        order = np.argsort(d, axis=1, kind="stable")
+        return np.take_along_axis(d, order, 1), np.take_along_axis(rows, order, 1)
 
     def _knn_torch(self, q: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
         if self._half:
