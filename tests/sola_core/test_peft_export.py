@@ -58,7 +58,7 @@ def test_peft_loads_an_exported_edit_and_gives_the_routed_logits(exported, token
     assert [r["edit_id"] for r in rows] == ids
     for row, prompt, want in zip(rows, PROMPTS, logits):
         model = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(out / row["name"])).eval()
-        enc = tokenizer([prompt], return_tensors="pt")
+        enc = tokenizer([prompt], return_tensors="pt", return_token_type_ids=False)
         with torch.no_grad():
             got = model(**enc).logits[:, -1]  # the editor gives the last position's
         assert torch.allclose(got, want, atol=1e-5, rtol=0), (got - want).abs().max()  # float32 rounding only
@@ -110,5 +110,5 @@ def test_a_fractional_alpha_is_folded_into_b(tmp_path, llama, tokenizer):
     assert exported_config["lora_alpha"] == 4  # = r: the scale 5.5 / 4 went into B
     model = peft.PeftModel.from_pretrained(base, str(tmp_path / "peft" / row["name"])).eval()
     with torch.no_grad():
-        got = model(**tokenizer([PROMPTS[0]], return_tensors="pt")).logits[:, -1]
+        got = model(**tokenizer([PROMPTS[0]], return_tensors="pt", return_token_type_ids=False)).logits[:, -1]
     assert torch.allclose(got, want, atol=1e-5, rtol=0)
