@@ -41,14 +41,20 @@ def adapter_name(record: Record) -> str:
     return f"edit-{record.id}-{record.adapter_sha256[:12]}"
 
 
+def peft_alpha(config: RegistryConfig) -> tuple[int, float]:
+    """(lora_alpha, factor B is scaled by): alpha as is when it is a whole number, else r and alpha / r in B."""
+    if float(config.alpha).is_integer():
+        return int(config.alpha), 1.0
+    return config.rank, config.alpha / config.rank
+
+
 def adapter_config(config: RegistryConfig, base_model: str) -> dict:
-    integral = float(config.alpha).is_integer()
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model,
         "r": config.rank,
-        "lora_alpha": int(config.alpha) if integral else config.rank,
+        "lora_alpha": peft_alpha(config)[0],
         "target_modules": [layer.name for layer in config.layers],
         "lora_dropout": 0.0,
         "bias": "none",
@@ -62,7 +68,7 @@ def adapter_config(config: RegistryConfig, base_model: str) -> dict:
 
 def peft_tensors(config: RegistryConfig, adapter: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our tensors ``{i}.A`` / ``{i}.B`` under PEFT's names (B scaled when alpha is folded into it)."""
-    fold = 1.0 if float(config.alpha).is_integer() else config.alpha / config.rank
+    fold = peft_alpha(config)[1]
     out = {}
     for i, layer in enumerate(config.layers):
         out[f"{PREFIX}{layer.name}.lora_A.weight"] = adapter[f"{i}.A"].float().contiguous()
