@@ -384,6 +384,31 @@ def import_(ctx, file, as_json):
 
 
 @cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--served-model-name", default=None,
+              help="The model name clients ask for (default: --model's name, e.g. 'smollm2').")
+@click.option("--max-batch", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Most rows (requests x n) decoded together in one batch.")
+@click.option("--admin-token", envvar="SOLA_ADMIN_TOKEN", default=None,
+              help="Turn on the /admin endpoints (edit, rollback, restore), behind this bearer token "
+                   "[env SOLA_ADMIN_TOKEN]. Off by default.")
+@click.pass_context
+def serve(ctx, host, port, served_model_name, max_batch, admin_token):
+    """Serve the edited model over an OpenAI-compatible HTTP API (needs the `serve` extra)."""
+    try:
+        from .server import Server, serve as run_server
+    except ImportError as e:
+        raise click.ClickException(f"sola serve needs the serve extra: pip install 'sola-edit-registry[serve]' ({e})")
+    editor = open_editor(ctx, readonly=not admin_token)  # without admin endpoints serving never writes
+    name = served_model_name or Path(ctx.obj["model"]).name
+    server = Server(editor, name, max_rows=max_batch, admin_token=admin_token)
+    click.echo(f"serving {name} with {editor.registry.count('active')} active edits on http://{host}:{port} "
+               f"(admin endpoints {'on' if admin_token else 'off'})", err=True)
+    run_server(server, host, port)
+
+
+@cli.command()
 @json_option
 @click.pass_context
 def demo(ctx, as_json):
