@@ -17,13 +17,15 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 
 @dataclass(frozen=True)
 class Sampling:
-    """How one row picks its tokens. temperature 0 is greedy (argmax, as `SolaEditor.generate`)."""
+    """How one row picks its tokens. temperature 0 is greedy (argmax, as `SolaEditor.generate`); `ignore_eos`
+    never picks an end token, so the reply runs to max_tokens or a stop string (benchmarks: equal lengths)."""
 
     max_tokens: int
     temperature: float = 0.0
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    ignore_eos: bool = False
 
 
 @dataclass
@@ -86,10 +88,14 @@ def pick(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | 
 class RowSampler(LogitsProcessor):
     """Picks each row's token by its own Sampling, and leaves `generate` (greedy) nothing else to choose."""
 
-    def __init__(self, sampling: list[Sampling], generators: list[torch.Generator | None]) -> None:
+    def __init__(self, sampling: list[Sampling], generators: list[torch.Generator | None], end_tokens: set[int]) -> None:
         self.sampling, self.generators = sampling, generators
+        self.no_end = [i for i, s in enumerate(sampling) if s.ignore_eos]
+        self.end_tokens = sorted(end_tokens)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.no_end and self.end_tokens:
+            scores[torch.tensor(self.no_end)[:, None], torch.tensor(self.end_tokens)[None, :]] = float("-inf")
         chosen = scores.argmax(-1)  # (B,): what greedy rows take, exactly as `generate` would
         for i, s in enumerate(self.sampling):
             if s.temperature > 0:
@@ -156,5 +162,5 @@ def decode(model: nn.Module, tokenizer, prompts: list[list[int]], sampling: list
     model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
                    max_new_tokens=max(s.max_tokens for s in sampling), pad_token_id=pad,
                    eos_token_id=sorted(end_tokens) or None,
-                   logits_processor=LogitsProcessorList([RowSampler(sampling, generators)]),
+                   logits_processor=LogitsProcessorList([RowSampler(sampling, generators, end_tokens)]),
                    stopping_criteria=StoppingCriteriaList([stops]))

@@ -69,6 +69,7 @@ class Decoding(BaseModel):
     stream_options: dict | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    ignore_eos: bool = False  # vLLM's extension: the reply never ends on an end token
 
 
 class CompletionRequest(Decoding):
@@ -169,7 +170,7 @@ class Server:
         if len(prompts) * req.n > MAX_CHOICES:
             raise APIError(400, f"at most {MAX_CHOICES} choices per request (prompts x n)", "n")
         sampling = [Sampling(max_tokens, req.temperature, req.top_p, stops,
-                             None if req.seed is None else req.seed + j)
+                             None if req.seed is None else req.seed + j, req.ignore_eos)
                     for _ in prompts for j in range(req.n)]
         rows = [i for i in ids for _ in range(req.n)]
         return rows, sampling, sum(len(i) for i in ids)

@@ -42,6 +42,8 @@ def test_each_row_stops_at_its_own_length_or_end_token(tmp_path, llama, tokenize
                                                       Sampling(max_tokens=5)])
         assert texts[0] == " Lyon" and finish[0] == "stop"
         assert finish[1:] == ["length", "length"] and tokens[1:] == [3, 5]
+        texts, finish, tokens = run(editor, PROMPTS[:1], [Sampling(max_tokens=4, ignore_eos=True)])
+        assert texts[0].startswith(" Lyon") and finish == ["length"] and tokens == [4]
 
 
 def test_sampling_is_seeded_per_row_and_top_p_near_zero_is_greedy(tmp_path, llama, tokenizer):
