@@ -56,7 +56,7 @@ class Decoding(BaseModel):
     """The fields both endpoints share. Fields OpenAI defines that do not change the reply here (user, ...) are
     accepted and ignored; ones that would change it and are not supported are refused (`refused`)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="ignore")
 
     model: str
     max_tokens: int | None = None
@@ -69,6 +69,7 @@ class Decoding(BaseModel):
     stream_options: dict | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    logit_bias: dict | None = None
     ignore_eos: bool = False  # vLLM's extension: the reply never ends on an end token
 
 
@@ -112,15 +113,17 @@ class EditRequest(BaseModel):
     paraphrases: list[str] = []
 
 
+SUPPORTED_ONLY_AS = {  # fields that would change the reply, and the values this engine gives them (the defaults)
+    "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": (None, {}), "echo": (False,),
+    "logprobs": (None, False, 0), "best_of": (None, 1), "suffix": (None,), "tools": (None, []),
+    "response_format": (None, {"type": "text"}),
+}
+
+
 def refused(req: Decoding) -> None:
     """Refuse what this engine cannot do instead of silently ignoring it."""
-    unsupported = {"presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty}
-    unsupported.update({k: getattr(req, k) for k in ("echo", "logprobs", "best_of", "suffix", "tools",
-                                                     "response_format") if k in type(req).model_fields})
-    for name, value in unsupported.items():
-        if name == "best_of" and value in (None, 1) or name == "response_format" and value in (None, {"type": "text"}):
-            continue
-        if value not in (None, False, 0, 0.0):
+    for name, allowed in SUPPORTED_ONLY_AS.items():
+        if name in type(req).model_fields and getattr(req, name) not in allowed:
             raise APIError(400, f"{name} is not supported by this server", name)
 
 

@@ -102,6 +102,7 @@ def test_the_openai_client_gets_openai_errors(server):
     (json.dumps({"model": "tiny", "prompt": FRANCE, "max_tokens": 0}), "max_tokens"),
     (json.dumps({"model": "tiny", "prompt": FRANCE, "stop": ["a", "b", "c", "d", "e"]}), "stop"),
     (json.dumps({"model": "tiny", "prompt": FRANCE, "logprobs": 2}), "logprobs"),
+    (json.dumps({"model": "tiny", "prompt": FRANCE, "logit_bias": {"5": 100}}), "logit_bias"),
     (json.dumps({"model": "tiny", "prompt": "Fact " * 200}), None),
     (json.dumps({"model": "tiny", "messages": []}), "messages"),
     (json.dumps({"model": "tiny", "messages": [{"role": "wizard", "content": "hi"}]}), "messages"),
