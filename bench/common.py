@@ -25,6 +25,8 @@ if str(ROOT) not in sys.path:  # run as `python bench/x.py` without installing t
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from registry.types import adapter_names  # noqa: E402
+
 RESULTS = ROOT / "bench" / "results"
 
 
@@ -199,7 +201,8 @@ def synthetic_edits(config, n: int, seed: int = 0, scale: float = 0.01, chunk: i
         for j in range(m):
             adapter = {}
             for layer, (A, B) in enumerate(tensors):
-                adapter[f"{layer}.A"], adapter[f"{layer}.B"] = torch.from_numpy(A[j]), torch.from_numpy(B[j])
+                a, b = adapter_names(layer)
+                adapter[a], adapter[b] = torch.from_numpy(A[j]), torch.from_numpy(B[j])
             yield {"prompt": f"synthetic edit {start + j}", "target": " x", "keys": keys[j], "adapter": adapter}
 
 

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .errors import RegistryError, ValidationError
-from .types import LayerSpec
+from .types import LayerSpec, adapter_names
 
 Loader = Callable[[list[int]], dict[int, dict[str, torch.Tensor]]]
 
@@ -86,8 +86,9 @@ class AdapterCache:
             self._slots[edit_id] = slot
         index = torch.tensor(slots, dtype=torch.long, device=self.device)
         for i, (A, B) in enumerate(zip(self._A, self._B)):
-            A.index_copy_(0, index, self._stack(adapters, missing, f"{i}.A"))
-            B.index_copy_(0, index, self._stack(adapters, missing, f"{i}.B"))
+            a, b = adapter_names(i)
+            A.index_copy_(0, index, self._stack(adapters, missing, a))
+            B.index_copy_(0, index, self._stack(adapters, missing, b))
 
     def _stack(self, adapters: dict, ids: list[int], name: str) -> torch.Tensor:
         return torch.stack([adapters[edit_id][name] for edit_id in ids]).to(self.device, self.dtype)

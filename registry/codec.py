@@ -16,7 +16,7 @@ import safetensors.torch
 import torch
 
 from .errors import CorruptEdit, ValidationError
-from .types import RegistryConfig
+from .types import RegistryConfig, adapter_names
 
 SCHEMA_VERSION = 3  # 3: an edit may hold several keys (2 held exactly one; its registries open unchanged)
 MAX_KEYS = 64  # keys (phrasings) one edit may hold
@@ -80,8 +80,8 @@ def adapter_shapes(config: RegistryConfig) -> dict[str, tuple[int, int]]:
     """Expected tensor name -> shape of one adapter under this config."""
     shapes = {}
     for i, layer in enumerate(config.layers):
-        shapes[f"{i}.A"] = (config.rank, layer.in_features)
-        shapes[f"{i}.B"] = (layer.out_features, config.rank)
+        a, b = adapter_names(i)
+        shapes[a], shapes[b] = (config.rank, layer.in_features), (layer.out_features, config.rank)
     return shapes
 
 

@@ -28,7 +28,7 @@ import numpy as np
 import safetensors.torch
 import torch
 
-from .types import Record, RegistryConfig
+from .types import Record, RegistryConfig, adapter_names
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -67,12 +67,13 @@ def adapter_config(config: RegistryConfig, base_model: str) -> dict:
 
 
 def peft_tensors(config: RegistryConfig, adapter: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our tensors ``{i}.A`` / ``{i}.B`` under PEFT's names (B scaled when alpha is folded into it)."""
+    """Our adapter's tensors under PEFT's names (B scaled when alpha is folded into it)."""
     fold = peft_alpha(config)[1]
     out = {}
     for i, layer in enumerate(config.layers):
-        out[f"{PREFIX}{layer.name}.lora_A.weight"] = adapter[f"{i}.A"].float().contiguous()
-        out[f"{PREFIX}{layer.name}.lora_B.weight"] = (adapter[f"{i}.B"].float() * fold).contiguous()
+        a, b = adapter_names(i)
+        out[f"{PREFIX}{layer.name}.lora_A.weight"] = adapter[a].float().contiguous()
+        out[f"{PREFIX}{layer.name}.lora_B.weight"] = (adapter[b].float() * fold).contiguous()
     return out
 
 

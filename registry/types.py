@@ -13,6 +13,11 @@ STATUSES = (ACTIVE, SUPERSEDED, ROLLED_BACK)
 METRICS = ("cosine", "l2")
 
 
+def adapter_names(layer: int) -> tuple[str, str]:
+    """The names one adapter's A (rank, in) and B (out, rank) of edited layer number `layer` are held under."""
+    return f"{layer}.A", f"{layer}.B"
+
+
 def _positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValidationError(f"{name} must be a positive integer, got {value!r}")

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from registry.types import adapter_names
+
 from .config import TrainConfig
 from .routing import RoutingState
 
@@ -143,6 +145,6 @@ def train_adapter(model: nn.Module, state: RoutingState, shapes: list[tuple[int,
         info = fit(model, examples, [p for pair in params for p in pair], cfg, frozen)
     adapter = {}
     for i, (A, B) in enumerate(params):
-        adapter[f"{i}.A"] = A.detach().float().cpu().contiguous()
-        adapter[f"{i}.B"] = B.detach().float().cpu().contiguous()
+        a, b = adapter_names(i)
+        adapter[a], adapter[b] = A.detach().float().cpu().contiguous(), B.detach().float().cpu().contiguous()
     return adapter, info
