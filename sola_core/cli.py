@@ -133,15 +133,19 @@ def cli(ctx: click.Context, registry: str | None, model: str, device: str | None
 @click.option("--metric", type=click.Choice(["cosine", "l2"]), default=EditConfig.metric, show_default=True)
 @click.option("--threshold", type=float, default=None, help="Routing threshold (default: the key source's).")
 @click.option("--key-source", type=click.Choice(["encoder", "layer"]), default=EditConfig.key_source, show_default=True)
+@json_option
 @click.pass_context
-def init(ctx, layers, rank, alpha, metric, threshold, key_source):
+def init(ctx, layers, rank, alpha, metric, threshold, key_source, as_json):
     """Create an empty registry bound to --model."""
     if EditRegistry.exists(registry_path(ctx)):
         raise click.ClickException(f"a registry already exists at {registry_path(ctx)}")
     config = EditConfig(layers=layers.split(",") if layers else None, rank=rank, alpha=alpha,
                         metric=metric, threshold=threshold, key_source=key_source)
-    editor = open_editor(ctx, config, must_exist=False)
-    click.echo(f"created registry at {editor.registry.path} editing {', '.join(l.name for l in editor.registry.config.layers)}")
+    registry = open_editor(ctx, config, must_exist=False).registry
+    names = [layer.name for layer in registry.config.layers]
+    say(as_json, {"path": registry.path, "layers": names, "key_source": registry.config.key_source,
+                  "threshold": registry.config.threshold},
+        f"created registry at {registry.path} editing {', '.join(names)}")
 
 
 def read_jsonl(path: str) -> list[tuple[int, dict]]:

@@ -24,12 +24,11 @@ TRAIN = ["--lr", "0.1", "--max-steps", "300", "--margin", "0.5"]
 FRANCE, JAPAN = "The capital of France is", "What is the capital of Japan?"
 
 
-def sola(registry: str, model: str, *args: str) -> dict | list | None:
-    """The CLI in this process (another process than the server's), its --json output parsed (init has none)."""
-    as_json = [] if args[0] == "init" else ["--json"]
-    result = CliRunner().invoke(cli, ["--registry", registry, "--model", model, *args, *as_json])
+def sola(registry: str, model: str, *args: str) -> dict | list:
+    """The CLI in this process (another process than the server's), its --json output parsed."""
+    result = CliRunner().invoke(cli, ["--registry", registry, "--model", model, *args, "--json"])
     assert result.exit_code == 0, result.output
-    return json.loads(result.stdout) if as_json else None
+    return json.loads(result.stdout)
 
 
 @pytest.fixture(scope="session")

@@ -42,7 +42,9 @@ def init(run):
 
 
 def test_init_edit_route_list_show(run):
-    init(run)
+    created = json.loads(run("init", "--key-source", "layer", "--threshold", "0.0001", "--json").stdout)
+    assert created == {"path": run.registry, "layers": ["model.layers.2.mlp.down_proj"], "key_source": "layer",
+                       "threshold": 0.0001}
     edited = json.loads(run(*EDIT, "--json").stdout)
     assert [(r["status"], r["target"]) for r in edited] == [("active", " Lyon")]
     eid = edited[0]["id"]
