@@ -1,15 +1,17 @@
 """One thread owns the edited model; requests queue up for it and run together.
 
-Every generation request waiting when the model frees up joins the next batch (up to `max_rows` rows), and that
-batch is decoded in one set of forwards, each row with its own routed edit and sampling (decode.py). Admin work
-(edit, rollback, restore) runs alone between batches, in arrival order, so a batch never sees a registry change
-half-way: an edit is in effect from the next batch on. Edits made by other processes are picked up by the router
-on each prompt pass.
+Every generation request waiting when the model frees up joins the next batch (up to `max_rows` rows), and so
+does every one arriving within `gather_s` (10 ms: clients that got their replies together come back together, and
+a lone first arrival would otherwise hold the rest back for a whole batch). The batch is decoded in one set of
+forwards, each row with its own routed edit and sampling (decode.py). Admin work (edit, rollback, restore) runs
+alone between batches, in arrival order, so a batch never sees a registry change half-way: an edit is in effect
+from the next batch on. Edits made by other processes are picked up by the router on each prompt pass.
 """
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -48,8 +50,8 @@ class Stats:
 
 
 class Batcher:
-    def __init__(self, editor, end_tokens: set[int], max_rows: int = 16) -> None:
-        self.editor, self.end_tokens, self.max_rows = editor, end_tokens, max_rows
+    def __init__(self, editor, end_tokens: set[int], max_rows: int = 16, gather_s: float = 0.01) -> None:
+        self.editor, self.end_tokens, self.max_rows, self.gather_s = editor, end_tokens, max_rows, gather_s
         self.stats = Stats()
         self._jobs: deque = deque()
         self._ready = threading.Condition()
@@ -84,15 +86,20 @@ class Batcher:
             if isinstance(self._jobs[0], Admin):
                 return self._jobs.popleft()
             batch, rows = [], 0
-            while self._jobs and isinstance(self._jobs[0], Generation):
-                job = self._jobs[0]
-                if batch and rows + len(job.prompts) > self.max_rows:
-                    break
-                self._jobs.popleft()
-                if not job.cancelled:
-                    batch.append(job)
-                    rows += len(job.prompts)
-            return batch
+            deadline = time.monotonic() + self.gather_s
+            while True:
+                while self._jobs and isinstance(self._jobs[0], Generation):
+                    job = self._jobs[0]
+                    if batch and rows + len(job.prompts) > self.max_rows:
+                        return batch
+                    self._jobs.popleft()
+                    if not job.cancelled:
+                        batch.append(job)
+                        rows += len(job.prompts)
+                left = deadline - time.monotonic()
+                if self._jobs or self._closing or rows >= self.max_rows or left <= 0:
+                    return batch  # full, an admin job is next, or the gathering time is up
+                self._ready.wait(left)
 
     def _work(self) -> None:
         while (work := self._next()) is not None:
