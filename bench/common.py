@@ -210,6 +210,13 @@ def random_adapter(config, seed: int, scale: float = 0.01) -> dict[str, torch.Te
     return next(synthetic_edits(config, 1, seed=seed, scale=scale))["adapter"]
 
 
+def real_edits(editor, prompts: list[str]) -> list[dict]:
+    """Items for ``add_many`` keyed on these prompts' own routing keys (random adapters: only the timing matters)."""
+    cfg = editor.registry.config
+    return [{"prompt": p, "target": " x", "keys": editor.key(p).cpu().numpy(), "adapter": random_adapter(cfg, seed=i)}
+            for i, p in enumerate(prompts)]
+
+
 # --- models and prompts ------------------------------------------------------------------------------
 WORDS = ("river mountain quiet city garden bright ancient silver market winter bridge forest harbor letter "
          "candle museum desert island engine violin planet castle meadow lantern").split()

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from common import (clock, interleaved, load_model_or_tiny, machine, parse_args, prompts_of_length, pyplot,
-                    random_adapter, ratio_summary, save, save_plot, summary, synthetic_edits)
+                    real_edits, ratio_summary, save, save_plot, summary, synthetic_edits)
 
 import torch
 from tqdm import tqdm
@@ -48,13 +48,6 @@ NAME = "-".join(["forward"] + [value for value, default in ((args.key_source, Ed
                                if value != default])
 if args.quick:
     NS, FORWARD_REPS, GENERATE_REPS, NEW_TOKENS, PROMPT_TOKENS = [0, 40], 2, 1, 2, 12
-
-
-def real_edits(editor: SolaEditor, prompts: list[str]) -> list[dict]:
-    """Edits keyed on these prompts' own routing keys (random adapters: only the timing matters)."""
-    cfg = editor.registry.config
-    return [{"prompt": p, "target": " x", "keys": editor.key(p).cpu().numpy(), "adapter": random_adapter(cfg, seed=i)}
-            for i, p in enumerate(prompts)]
 
 
 # -- setup -------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import ROOT, load_model_or_tiny, machine, parse_args, prompts_of_length, pyplot, random_adapter, save, \
+from common import ROOT, load_model_or_tiny, machine, parse_args, prompts_of_length, pyplot, real_edits, save, \
     save_plot, summary
 
 import httpx  # noqa: E402
@@ -55,8 +55,7 @@ registry = str(Path(work.name) / "registry")
 # Edits keyed on the edited prompts' own keys, with random adapters: only the cost is measured here (quality is
 # bench/quality.py's). A tight threshold: these word-salad prompts sit close together in the encoder's space.
 with SolaEditor.open(registry, model, tok, config=EditConfig(threshold=0.01)) as editor:
-    for i, p in enumerate(edited):
-        editor.registry.add(p, " x", editor.key(p)[None].cpu().numpy(), random_adapter(editor.registry.config, i))
+    editor.registry.add_many(real_edits(editor, edited))
 del model
 
 

@@ -181,10 +181,9 @@ class Server:
     def chat_text(self, messages: list[Message]) -> str:
         if not getattr(self.tokenizer, "chat_template", None):
             raise APIError(400, "this model has no chat template; use /v1/completions", "messages")
+        conversation = [{"role": m.role, "content": m.text()} for m in messages]
         try:
-            return render(self.tokenizer, [{"role": m.role, "content": m.text()} for m in messages])
-        except APIError:
-            raise
+            return render(self.tokenizer, conversation)
         except Exception as e:  # the template refused the conversation (e.g. roles out of order)
             raise APIError(400, f"the model's chat template cannot render these messages: {e}", "messages") from None
 
