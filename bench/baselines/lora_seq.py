@@ -42,6 +42,6 @@ class SequentialLoRA(Served):
 
     def edit(self, prompt: str, target: str) -> int:
         ids, n = self.sequence(prompt, target)
-        fit(self.model, [(ids, n)], [p for pair in self.params for p in pair], self.train)
+        fit(self.model, [[(ids, n)]], [p for pair in self.params for p in pair], self.train)
         self.count += 1
         return self.count

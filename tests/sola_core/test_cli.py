@@ -142,6 +142,24 @@ def test_edit_file_with_progress(run, tmp_path):
                     '{"prompt": "The largest planet is", "target": " Saturn"}\n')
     rows = json.loads(run("edit", "--file", str(path), "--lr", "0.05", "--max-steps", "200", "--json").stdout)
     assert [r["target"] for r in rows] == [" Osaka", " Saturn"]
+    assert [r["info"]["batch"] for r in rows] == [2, 2]  # trained together (--batch-size 16)
+
+
+def test_running_a_file_again_adds_only_what_is_missing(run, tmp_path):
+    init(run)
+    path = tmp_path / "edits.jsonl"
+    lines = ['{"prompt": "The capital of Japan is", "target": " Osaka"}',
+             '{"prompt": "The largest planet is", "target": " Saturn"}']
+    path.write_text(lines[0] + "\n")
+    run("edit", "--file", str(path), "--max-steps", "5")
+    path.write_text("\n".join(lines) + "\n")
+    result = run("edit", "--file", str(path), "--max-steps", "5", "--batch-size", "1", "--json")
+    assert "skipped 1 of 2 edits: the registry already holds their prompt and target" in result.stderr
+    assert [r["target"] for r in json.loads(result.stdout)] == [" Saturn"]
+    again = run("edit", "--file", str(path), "--max-steps", "5", "--json")
+    assert json.loads(again.stdout) == [] and "skipped 2 of 2" in again.stderr
+    with EditRegistry.open(run.registry, readonly=True) as reg:
+        assert reg.count() == 2
 
 
 def test_real_subprocess(tmp_path, model_dir):

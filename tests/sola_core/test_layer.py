@@ -58,13 +58,17 @@ def test_mixed_batch_equals_each_adapter_alone(base):
             assert torch.equal(out[row], base(x)[row])
 
 
-def test_forced_adapter_applies_to_every_row(base):
-    A, B = torch.randn(2, 8), torch.randn(6, 2)
+def test_forced_adapters_apply_each_to_its_own_rows(base):
+    A, B = torch.randn(2, 2, 8), torch.randn(2, 6, 2)  # two adapters being trained
     state = RoutingState()
-    x = torch.randn(2, 3, 8)
+    x = torch.randn(3, 3, 8)
     with state.forcing([(A, B)], scaling=2.0):
-        assert torch.allclose(SolaLayer(base, 0, state)(x), base(x) + 2.0 * (x @ A.T @ B.T), atol=1e-6)
+        state.forced_rows = torch.tensor([1, 0, 1])
+        out = SolaLayer(base, 0, state)(x)
+        for row, g in enumerate([1, 0, 1]):
+            assert torch.allclose(out[row], base(x[row]) + 2.0 * (x[row] @ A[g].T @ B[g].T), atol=1e-6)
     assert torch.equal(SolaLayer(base, 0, state)(x), base(x)) and state.scaling == 1.0
+    assert state.forced is None and state.forced_rows is None
 
 
 def test_router_runs_once_then_decision_is_reused(base):

