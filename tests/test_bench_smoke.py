@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
-SCRIPTS = ["routing", "registry_ops", "adapter_cache", "forward", "peft_peer", "route_call", "serve", "bulk_edit"]
+SCRIPTS = ["routing", "registry_ops", "adapter_cache", "forward", "peft_peer", "route_call", "serve", "bulk_edit", "bulk_import"]
 RUNNER = """
 import runpy, sys
 bench, out, names = sys.argv[1], sys.argv[2], sys.argv[3:]
