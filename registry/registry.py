@@ -419,6 +419,7 @@ class EditRegistry:
         """Add every edit of a bundle in one transaction (all or nothing); returns the new ids."""
         self._check_writable()
         edits = bundle.read(os.fspath(path), self._config)
+        self._store.reserve(os.path.getsize(path))
         return self._write("import", lambda tx: tx.insert_many(edits), needs_index=True)
 
 
