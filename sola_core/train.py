@@ -145,19 +145,12 @@ def fit(model: nn.Module, groups: list[list[Example]], params: list[torch.Tensor
     with replaying(model, *frozen, batch.inputs()) if frozen and frozen[1] > 0 else nullcontext() as take, \
             targets_only(model, where):
         opt = torch.optim.Adam(params, lr=cfg.lr)
-        active, steps = list(range(len(groups))), 0
+        active, steps, shown = list(range(len(groups))), 0, None
         while active:
-            rows = torch.isin(batch.owner, torch.tensor(active, device=batch.owner.device)).nonzero().flatten()
-            kept = torch.isin(batch.rows, rows)  # the target tokens of those rows
-            local = torch.full_like(batch.owner, -1)
-            local[rows] = torch.arange(len(rows), device=rows.device)  # batch row -> row of this forward
-            where["rows"], where["positions"] = local[batch.rows[kept]], batch.positions[kept]
-            if take is not None:
-                take(rows)
-            if select is not None:
-                select(batch.owner[rows])
-            group = torch.searchsorted(torch.tensor(active, device=rows.device), batch.owner[batch.rows[kept]])
-            margins, losses = _step_losses(model, batch.inputs(rows), where, batch.targets[kept], group, len(active))
+            if active != shown:  # the batch as it now is: the rows of the groups still training
+                inputs, targets, group = _view(batch, active, where, take, select)
+                shown = list(active)
+            margins, losses = _step_losses(model, inputs, where, targets, group, len(active))
             finished = [k for k, m in enumerate(margins) if m >= cfg.margin or steps >= cfg.max_steps]
             for k in finished:
                 g, m = active[k], margins[k]
@@ -174,6 +167,23 @@ def fit(model: nn.Module, groups: list[list[Example]], params: list[torch.Tensor
             steps += 1
             active = [g for k, g in enumerate(active) if k not in finished]
     return infos
+
+
+def _view(batch: _Batch, active: list[int], where: dict, take, select) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """Narrow every forward to the rows of the `active` groups: their inputs, target tokens, the group (position
+    in `active`) of each target token; the head's and the replayed blocks' rows; each row's adapter."""
+    device = batch.owner.device
+    rows = torch.isin(batch.owner, torch.tensor(active, device=device)).nonzero().flatten()
+    kept = torch.isin(batch.rows, rows)  # the target tokens of those rows
+    local = torch.full_like(batch.owner, -1)
+    local[rows] = torch.arange(len(rows), device=device)  # batch row -> row of this forward
+    where["rows"], where["positions"] = local[batch.rows[kept]], batch.positions[kept]
+    if take is not None:
+        take(rows)
+    if select is not None:
+        select(batch.owner[rows])
+    group = torch.searchsorted(torch.tensor(active, device=device), batch.owner[batch.rows[kept]])
+    return batch.inputs(rows), batch.targets[kept], group
 
 
 def _step_losses(model, inputs, where, targets, group, count) -> tuple[list[float], torch.Tensor]:
