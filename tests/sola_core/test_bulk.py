@@ -74,3 +74,19 @@ def test_one_bad_edit_anywhere_stores_nothing(tmp_path, llama, tokenizer, bad, m
         with pytest.raises(ValidationError, match="batch_size must be at least 1"):
             ed.edit_many(EDITS, TRAIN, batch_size=0)
         assert ed.registry.count() == 0
+
+
+def test_a_batch_split_by_length_trains_the_same_adapters(tmp_path, llama, tokenizer, monkeypatch):
+    from sola_core import train
+
+    tok, out = with_template(tokenizer, CHATML), []
+    for name, split in (("whole", 10**9), ("split", 0)):  # never, or wherever it saves any padding
+        monkeypatch.setattr(train, "SPLIT_TOKENS", split)
+        with SolaEditor.open(tmp_path / name, llama, tok, config=CONFIG) as ed:
+            ids = ed.edit_many(EDITS, TRAIN, batch_size=8)
+            out.append(([ed.registry.get(i).info["steps"] for i in ids], ed.registry.adapters(ids)))
+    (steps, adapters), (split_steps, split_adapters) = out
+    assert split_steps == steps
+    for i, adapter in adapters.items():
+        for name, tensor in adapter.items():
+            assert torch.allclose(split_adapters[i][name], tensor, atol=1e-5), (i, name)
