@@ -18,7 +18,7 @@ import time
 from itertools import islice
 from pathlib import Path
 
-from common import ROOT, load_model_or_tiny, machine, parse_args, save, synthetic_edits
+from common import ROOT, load_model_or_tiny, machine, parse_args, pyplot, save, save_plot, synthetic_edits
 
 import torch
 
@@ -104,6 +104,15 @@ def main() -> None:
     print(f"PEFT add_adapter: {result['peft_first_tenth_ms']:.1f} ms each for the first tenth, "
           f"{result['peft_last_tenth_ms']:.1f} ms for the last; load average {os.getloadavg()}")
     save(args.out, "bulk_import", result)
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    names = list(result["rows"])
+    ax.barh(names, [result["rows"][n]["edits_per_s"] for n in names])
+    ax.set_xscale("log")
+    ax.set_xlabel("edits / s (log)")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    save_plot(fig, args.out, "bulk_import")
 
 
 if __name__ == "__main__":
