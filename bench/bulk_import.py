@@ -18,7 +18,7 @@ import time
 from itertools import islice
 from pathlib import Path
 
-from common import ROOT, load_model_or_tiny, machine, parse_args, pyplot, save, save_plot, synthetic_edits
+from common import ROOT, clock, load_model_or_tiny, machine, parse_args, pyplot, save, save_plot, synthetic_edits
 
 import torch
 
@@ -38,12 +38,6 @@ if args.quick:
 def config() -> RegistryConfig:
     return RegistryConfig(key_dim=384, layers=[LayerSpec(LAYER, 1536, 576)], rank=4, alpha=4.0, metric="cosine",
                           threshold=0.15, key_source="encoder", fingerprint={"model": "synthetic"})
-
-
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def peft_add_adapter(adapters: list[dict]) -> list[float]:
@@ -76,22 +70,21 @@ def main() -> None:
         items = list(synthetic_edits(config(), N, seed=0))
         rows = {}
         with EditRegistry.create(f"{tmp}/many", config()) as reg:
-            rows["add_many, 1000 per transaction"] = (N, timed(lambda: reg.add_many(items)))
+            rows["add_many, 1000 per transaction"] = (N, clock(lambda: reg.add_many(items)))
             bundle = f"{tmp}/edits.safetensors"
             reg.export(bundle)
         with EditRegistry.create(f"{tmp}/unchecked", config()) as reg:
-            rows["add_many, conflict search off"] = (N, timed(lambda: reg.add_many(items, check_conflicts=False)))
+            rows["add_many, conflict search off"] = (N, clock(lambda: reg.add_many(items, check_conflicts=False)))
         with EditRegistry.create(f"{tmp}/one", config()) as reg:
-            rows["add, one transaction each"] = (ONE_BY_ONE, timed(
+            rows["add, one transaction each"] = (ONE_BY_ONE, clock(
                 lambda: [reg.add(**item) for item in islice(items, ONE_BY_ONE)]))
         with EditRegistry.create(f"{tmp}/api", config()) as reg:
-            rows["EditRegistry.import_ (one transaction)"] = (N, timed(lambda: reg.import_(bundle)))
+            rows["EditRegistry.import_ (one transaction)"] = (N, clock(lambda: reg.import_(bundle)))
         EditRegistry.create(f"{tmp}/cli", config()).close()
         command = [sys.executable, "-m", "sola_core", "--registry", f"{tmp}/cli", "import", bundle, "--json"]
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        start = time.perf_counter()
-        subprocess.run(command, check=True, capture_output=True, env=env)
-        rows["sola import (a subprocess, start-up included)"] = (N, time.perf_counter() - start)
+        rows["sola import (a subprocess, start-up included)"] = (N, clock(
+            lambda: subprocess.run(command, check=True, capture_output=True, env=env)))
         peft = peft_add_adapter([item["adapter"] for item in items[:PEFT_ADAPTERS]])
         rows[f"PEFT add_adapter, {PEFT_ADAPTERS} adapters"] = (PEFT_ADAPTERS, sum(peft))
     tenth = max(1, PEFT_ADAPTERS // 10)

@@ -137,11 +137,10 @@ class SolaEditor:
                   for e in edits]
         trained = train_adapters(self.model, self.router.state, shapes, groups, cfg.rank, cfg.alpha, train,
                                  block_of(self.model, cfg.layers[0].name))
-        ends = np.cumsum([len(e["phrasings"]) for e in edits]).tolist()
-        return [{"prompt": e["prompt"], "target": e["target"], "keys": keys[end - len(e["phrasings"]):end],
-                 "adapter": adapter, "info": {**info, "form": e["form"], "batch": len(edits)},
-                 "paraphrases": e["phrasings"][1:]}
-                for e, end, (adapter, info) in zip(edits, ends, trained)]
+        per_edit = np.split(keys, np.cumsum([len(e["phrasings"]) for e in edits])[:-1])  # each edit's key rows
+        return [{"prompt": e["prompt"], "target": e["target"], "keys": k, "adapter": adapter,
+                 "info": {**info, "form": e["form"], "batch": len(edits)}, "paraphrases": e["phrasings"][1:]}
+                for e, k, (adapter, info) in zip(edits, per_edit, trained)]
 
     def _served(self, text: str, form: str) -> str:
         """The text the model sees when `text` is asked in `form`."""

@@ -23,6 +23,11 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
     raise TypeError(f"can only edit nn.Linear or transformers Conv1D, not {type(module).__name__}")
 
 
+def row_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """B_m A_m x_m for each row m: x (m, T, in), A (m, r, in), B (m, out, r) -> (m, T, out)."""
+    return torch.bmm(torch.bmm(x, A.transpose(1, 2)), B.transpose(1, 2))
+
+
 class SolaLayer(nn.Module):
     """Wraps a frozen linear; adds `scaling * B_i A_i x` for the rows routed to edit i, nothing for the rest.
 
@@ -52,8 +57,7 @@ class SolaLayer(nn.Module):
         """Training: each row's own adapter, from the stacked ones being trained (gradients reach only them)."""
         s = self.state
         A, B = s.forced[self.index]  # (G, r, in), (G, out, r)
-        A, B = A[s.forced_rows].to(x.dtype), B[s.forced_rows].to(x.dtype)  # (B, r, in), (B, out, r)
-        return out + s.scaling * torch.bmm(torch.bmm(x, A.transpose(1, 2)), B.transpose(1, 2))
+        return out + s.scaling * row_delta(x, A[s.forced_rows].to(x.dtype), B[s.forced_rows].to(x.dtype))
 
     def _routed(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         s = self.state
@@ -64,7 +68,5 @@ class SolaLayer(nn.Module):
         if x.shape[0] != s.edit_ids.shape[0]:
             raise RuntimeError(f"routing was decided for a batch of {s.edit_ids.shape[0]} rows, got {x.shape[0]}")
         A, B = s.adapters(self.index)  # (S, r, in), (S, out, r)
-        xa = x[s.rows]  # (m, T, in)
-        h = torch.bmm(xa, A[s.slots].transpose(1, 2))  # (m, T, r)
-        delta = torch.bmm(h, B[s.slots].transpose(1, 2))  # (m, T, out)
+        delta = row_delta(x[s.rows], A[s.slots], B[s.slots])  # (m, T, out)
         return out.index_add(0, s.rows, delta, alpha=s.scaling)  # other rows untouched, bit for bit

@@ -67,16 +67,27 @@ class _Rows:
             type(self.output)(take(t) for t in self.output)
 
 
+class _Reached(Exception):
+    """Ends the replayed blocks' one forward at the last of them."""
+
+
 @contextmanager
 def replaying(model: nn.Module, blocks: nn.ModuleList, below: int, inputs: dict) -> Iterator[Callable]:
     """Nothing below the first edited layer changes while adapters train, so blocks[:below] run once on `inputs`
     and then replay: each step computes only the blocks from the edited one up (on SmolLM2, 6 of 30). Yields
     `select(rows, length)`: the forwards that follow are given only those rows of `inputs`, that long."""
     captured = {}
-    hook = blocks[below - 1].register_forward_hook(lambda m, a, out: captured.__setitem__("out", out))
+
+    def stop(module, args, out):
+        captured["out"] = out
+        raise _Reached  # the blocks above (and the head over every position) are not needed
+
+    hook = blocks[below - 1].register_forward_hook(stop)
     try:
         with torch.no_grad():
             model(**inputs)
+    except _Reached:
+        pass
     finally:
         hook.remove()
     rows = _Rows(captured["out"])
@@ -146,8 +157,6 @@ def fit(model: nn.Module, groups: list[list[Example]], params: list[torch.Tensor
     where = {"rows": batch.rows, "positions": batch.positions}
     infos: list[dict] = [{} for _ in groups]
     start = time.perf_counter()
-    if select is not None:
-        select(batch.owner)
     with replaying(model, *frozen, batch.inputs()) if frozen and frozen[1] > 0 else nullcontext() as take, \
             targets_only(model, where):
         opt = torch.optim.Adam(params, lr=cfg.lr)
