@@ -18,6 +18,27 @@ def adapter_names(layer: int) -> tuple[str, str]:
     return f"{layer}.A", f"{layer}.B"
 
 
+def check_text(name: str, text: Any) -> str:
+    """The one rule for any text a user gives (prompt, target, paraphrase, query), wherever it enters: a
+    non-empty string of valid Unicode (JSON allows a lone surrogate; tokenizers, LMDB and terminals do not)."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValidationError(f"{name} must be a non-empty string, not only whitespace")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValidationError(f"{name} is not valid Unicode text (it holds a lone surrogate)") from None
+    return text
+
+
+def check_edit_text(prompt: Any, target: Any, paraphrases: Any = ()) -> list[str]:
+    """An edit's prompt, target and paraphrases by `check_text`; returns the paraphrases as a list."""
+    if isinstance(paraphrases, str) or not all(isinstance(p, str) for p in paraphrases):
+        raise ValidationError("paraphrases must be a list of strings")
+    for name, text in (("prompt", prompt), ("target", target), *(("paraphrase", p) for p in paraphrases)):
+        check_text(name, text)
+    return list(paraphrases)
+
+
 def _positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValidationError(f"{name} must be a positive integer, got {value!r}")
