@@ -62,7 +62,7 @@ editor = SolaEditor.open(Path(workdir.name) / "registry", model, tok, config=con
                          runtime=RuntimeConfig(encoder_dtype=args.encoder_dtype))
 prompts = prompts_of_length(tok, max(BATCHES), PROMPT_TOKENS)
 hit = list(range(0, max(BATCHES), 2))  # rows 0, 2, 4, ...: half of each batch of 16
-enc = with_positions(editor.model, editor.encode(prompts))
+enc = with_positions(editor.model, editor.tokenize_batch(prompts))
 assert enc["input_ids"].shape == (max(BATCHES), PROMPT_TOKENS), enc["input_ids"].shape
 cfg = editor.registry.config
 print(f"edited layer {cfg.layers[0].name} ({cfg.layers[0].in_features}->{cfg.layers[0].out_features}), "

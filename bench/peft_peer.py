@@ -85,7 +85,7 @@ for n in NS:
     for edit, row in zip(edits, hit_rows):  # the first HITS edits are keyed on real prompts
         edit["keys"] = editor.key(prompts[row]).cpu().numpy()
     ids = editor.registry.add_many(edits, check_conflicts=False)
-    enc = with_positions(editor.model, editor.encode(prompts))
+    enc = with_positions(editor.model, editor.tokenize_batch(prompts))
     with torch.no_grad():
         ours = model(**enc, logits_to_keep=1).logits[:, -1]
     ours_rss = rss_bytes() - rss0

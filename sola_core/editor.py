@@ -13,17 +13,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from registry import AdapterCache, EditRegistry, LayerSpec, Record, RegistryConfig
-from registry.codec import MAX_KEYS
-from registry.errors import ConfigMismatch, ValidationError
+from registry import AdapterCache, EditRegistry, Record
+from registry.errors import ValidationError
 
 from .chat import chat_prompt, chat_reply
-from .config import FORMS, EditConfig, RuntimeConfig, TrainConfig
-from .fingerprint import fingerprint, mismatch
-from .generation import context_length, encode, greedy, next_token_logits
+from .config import EditConfig, RuntimeConfig, TrainConfig
+from .edits import check_edit, normal_edit
+from .fingerprint import check_model, registry_config
+from .generation import context_length, greedy, next_token_logits, tokenize_batch
 from .keys import KeySource, key_source
-from .layer import SolaLayer, linear_shape
-from .models import block_of, default_layers
+from .layer import SolaLayer
+from .models import block_of, parent_of
 from .routing import Router
 from .train import train_adapters
 
@@ -40,7 +40,7 @@ class SolaEditor:
                                   device=self.device, dtype=next(model.parameters()).dtype)
         for spec in cfg.layers:
             if isinstance(getattr(*parent_of(model, spec.name)), SolaLayer):
-                raise ValueError(f"{spec.name} is already patched by another SolaEditor; close that one first")
+                raise ValidationError(f"{spec.name} is already patched by another SolaEditor; close that one first")
         self.router = Router(model, registry, keys, self.cache, self.device)
         self._inject()
 
@@ -61,7 +61,7 @@ class SolaEditor:
                                            backend=runtime.backend, device=device, key_dtype=runtime.key_dtype)
         try:
             if keys is None:
-                check_model(registry, model, path)
+                check_model(registry, model)
                 keys = key_source(registry.config.key_source, tokenizer, runtime.encoder_dtype)
             return cls(registry, model, tokenizer, runtime, keys)
         except BaseException:
@@ -86,9 +86,9 @@ class SolaEditor:
         return self.model
 
     # -- public API ------------------------------------------------------------------------------
-    def encode(self, prompts: list[str]) -> dict:
-        """Tokenize a batch the same way for keys, routing and generation (left padding)."""
-        return encode(self.model, self.tokenizer, prompts, self.device)
+    def tokenize_batch(self, prompts: list[str]) -> dict:
+        """The left-padded batch (input_ids, attention_mask) that keys, routing and generation all take."""
+        return tokenize_batch(self.model, self.tokenizer, prompts, self.device)
 
     def edit(self, prompt: str, target: str, train: TrainConfig | None = None, *, form: str = "completion",
              paraphrases: Sequence[str] = ()) -> int:
@@ -117,7 +117,7 @@ class SolaEditor:
             raise ValidationError(f"batch_size must be at least 1, got {batch_size}")
         edits = [normal_edit(e) for e in edits]
         for e in edits:
-            check_edit(self.model, self.tokenizer, e["phrasings"], e["target"], e["form"])
+            check_edit(self.model, self.tokenizer, e)
         train = train or TrainConfig()
         ids: list[int] = []
         for start in range(0, len(edits), batch_size):
@@ -129,7 +129,7 @@ class SolaEditor:
 
     def _trained(self, edits: list[dict], train: TrainConfig) -> list[dict]:
         """The registry items of `edits` (normal_edit's): keys of every phrasing, adapters trained in one batch."""
-        served = self.encode([self._served(text, e["form"]) for e in edits for text in e["phrasings"]])
+        served = self.tokenize_batch([self._served(text, e["form"]) for e in edits for text in e["phrasings"]])
         keys = self.router.queries(served)[:, 0].cpu().numpy()  # (phrasings, key_dim): each one's whole-text query
         cfg = self.registry.config
         shapes = [(spec.in_features, spec.out_features) for spec in cfg.layers]
@@ -174,21 +174,21 @@ class SolaEditor:
 
     def key(self, prompt: str) -> torch.Tensor:
         """The routing key `prompt` gets (the same vector it is queried with when served)."""
-        return self.router.queries(self.encode([prompt]))[0, 0]
+        return self.router.queries(self.tokenize_batch([prompt]))[0, 0]
 
     def route(self, prompts: list[str]) -> list[int | None]:
         """The edit that fires for each prompt, or None. With the encoder key no language model runs; with the
         layer key the model runs only up to the first edited layer."""
-        return self.router.route(self.router.queries(self.encode(prompts)))
+        return self.router.route(self.router.queries(self.tokenize_batch(prompts)))
 
     def logits(self, prompts: list[str]) -> torch.Tensor:
         """(B, vocab) next-token logits after each prompt, as served (routed edits applied)."""
-        return next_token_logits(self.model, self.encode(prompts))
+        return next_token_logits(self.model, self.tokenize_batch(prompts))
 
     def generate(self, prompts: list[str], max_new_tokens: int = 20, **kwargs) -> list[str]:
         """Greedy continuations (`kwargs` go to `model.generate`); each sequence keeps the edit its prompt was
         routed to for every new token, and `routed()` then says which edit that was."""
-        return greedy(self.model, self.tokenizer, self.encode(prompts), max_new_tokens, **kwargs)
+        return greedy(self.model, self.tokenizer, self.tokenize_batch(prompts), max_new_tokens, **kwargs)
 
     def routed(self) -> list[int | None]:
         """The edit each row of the last served batch (`generate`, `logits`, or any forward of the model) was
@@ -216,81 +216,3 @@ class SolaEditor:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def parent_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    """The module holding submodule `name`, and its attribute name there."""
-    parent_name, _, child = name.rpartition(".")
-    return model.get_submodule(parent_name), child
-
-
-def check_model(registry: EditRegistry, model: nn.Module, path) -> None:
-    """Refuse (ConfigMismatch) a model other than the one the registry's adapters and keys were made on."""
-    names = [spec.name for spec in registry.config.layers]
-    try:
-        problem = mismatch(registry.config.fingerprint, fingerprint(model, names))
-    except (AttributeError, TypeError) as e:  # the model lacks the registry's layers altogether
-        problem = f"the model has no edited layer {names}: {e}"
-    if problem:
-        raise ConfigMismatch(f"registry at {path} belongs to another model: {problem}")
-
-
-def normal_edit(edit: dict) -> dict:
-    """An edit_many item with its defaults, and its phrasings: the prompt first, then distinct paraphrases."""
-    try:
-        e = {"form": "completion", "paraphrases": (), **edit}
-        prompt, target, form, paraphrases = e.pop("prompt"), e.pop("target"), e.pop("form"), e.pop("paraphrases")
-    except (KeyError, TypeError):
-        raise ValidationError(f"an edit is a dict with prompt, target and optional form and paraphrases; "
-                              f"got {edit!r:.80}") from None
-    if e:
-        raise ValidationError(f"unknown edit field {sorted(e)[0]!r}: an edit has prompt, target, form, paraphrases")
-    if isinstance(paraphrases, str) or not all(isinstance(t, str) for t in paraphrases):
-        raise ValidationError("paraphrases must be a list of strings")
-    phrasings = [prompt, *paraphrases]
-    if isinstance(prompt, str):
-        phrasings = list(dict.fromkeys(phrasings))  # repeats add nothing
-    return {"prompt": prompt, "target": target, "form": form, "phrasings": phrasings}
-
-
-def check_edit(model: nn.Module, tokenizer, phrasings: Sequence[str], target: str, form: str = "completion") -> None:
-    """Refuse (ValidationError, one line) an edit that cannot be made, before anything is trained or written:
-    an unknown form, empty or whitespace text, text that is not valid Unicode, a chat edit for a tokenizer without
-    a chat template, or a phrasing + target longer than the model's context."""
-    if form not in FORMS:
-        raise ValidationError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
-    if len(phrasings) > MAX_KEYS:
-        raise ValidationError(f"an edit holds at most {MAX_KEYS - 1} paraphrases, got {len(phrasings) - 1}")
-    names = ["prompt", *["paraphrase"] * (len(phrasings) - 1)]
-    for name, text in (*zip(names, phrasings), ("target", target)):
-        if not isinstance(text, str) or not text.strip():
-            raise ValidationError(f"{name} must not be empty or only whitespace")
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValidationError(f"{name} is not valid Unicode text") from None
-    if form == "chat" and not getattr(tokenizer, "chat_template", None):
-        raise ValidationError("a chat edit needs a tokenizer with a chat template; this one has none")
-    limit = context_length(model)
-    if not limit:
-        return
-    answer = len(tokenizer(target, add_special_tokens=False)["input_ids"])
-    for name, text in zip(names, phrasings):
-        n = len(tokenizer(chat_prompt(tokenizer, text) if form == "chat" else text)["input_ids"]) + answer
-        if n > limit:
-            raise ValidationError(f"{name} and target are {n} tokens; the model's context is {limit}")
-
-
-def registry_config(model: nn.Module, config: EditConfig, keys: KeySource) -> RegistryConfig:
-    """The persisted settings of a new registry for `model`: layers in forward order, shapes, fingerprint."""
-    names = config.layers or default_layers(model)
-    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
-    missing = [n for n in names if n not in order]
-    if missing:
-        raise ValidationError(f"the model has no module named {missing[0]!r}")
-    names = sorted(names, key=order.__getitem__)
-    specs = [LayerSpec(n, *linear_shape(model.get_submodule(n))) for n in names]
-    return RegistryConfig(key_dim=keys.dim(specs[0].in_features), layers=specs, rank=config.rank,
-                          alpha=config.alpha, metric=config.metric, threshold=config.threshold,
-                          supersede_within=config.supersede_within,
-                          key_source=keys.name, fingerprint=fingerprint(model, names))

@@ -9,6 +9,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+from registry.errors import ValidationError
+
 UNRELATED = [
     "The chemical symbol for gold is", "Water boils at a temperature of", "The Mona Lisa was painted by",
     "The largest planet in the solar system is", "The author of Romeo and Juliet is", "Photosynthesis is the process",
@@ -83,7 +85,7 @@ def counterfacts(n: int, seed: int = 0, neighbours: int = 3) -> list[Fact]:
     while len(facts) < n:
         open_relations = [r for r in order if cursor[r] < len(pools[r][0])]
         if not open_relations:
-            raise ValueError(f"only {len(facts)} facts are available, asked for {n}")
+            raise ValidationError(f"only {len(facts)} facts are available, asked for {n}")
         relation = open_relations[len(facts) % len(open_relations)]
         facts.append(_fact(relation, pools[relation], cursor[relation], rng, neighbours))
         cursor[relation] += 1

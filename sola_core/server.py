@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
-from registry.errors import EditNotFound, InvalidTransition, RegistryError
+from registry.errors import EditNotFound, RegistryError
 
 from .batching import Admin, Batcher, Generation
 from .chat import render
@@ -211,7 +211,7 @@ class Server:
         if kind == "error":
             if isinstance(value, EditNotFound):
                 raise APIError(404, str(value), code="edit_not_found")
-            if isinstance(value, (InvalidTransition, RegistryError, ValueError)):
+            if isinstance(value, RegistryError):  # the request's mistake (ValidationError included); else a bug
                 raise APIError(400, str(value))
             raise value
         return value

@@ -23,10 +23,12 @@ from typing import Callable
 
 import torch
 
+from registry.errors import ValidationError
+
+from .config import STYLES
 from .datasets import Case
 from .evaluate import Method, Report, batched, edit_all, mean
 
-STYLES = ("bare", "instruct", "chat")
 INSTRUCTIONS = {"question": "Please answer the question:\n\nQ: {}\nA:", "completion": "Please complete the sentence:\n\n{}"}
 
 
@@ -38,7 +40,7 @@ def styled(text: str, kind: str, style: str, tokenizer) -> str:
     if style == "chat":
         return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                              add_generation_prompt=True)
-    raise ValueError(f"style must be one of {', '.join(STYLES)}, got {style!r}")
+    raise ValidationError(f"style must be one of {', '.join(STYLES)}, got {style!r}")
 
 
 def normalise(text: str) -> str:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from sola_core.config import TrainConfig
-from sola_core.editor import parent_of
+from sola_core.models import parent_of
 from sola_core.routing import Prompt, PromptPasses
 from sola_core.train import fit
 
@@ -81,7 +81,7 @@ class Grace(Served):
         captured = {}
         hook = self.layer.base_layer.register_forward_hook(
             lambda m, inp, out: captured.update(key=inp[0][0, -1].clone(), out=out[0, -1].clone()))
-        self.model(**self.encode([prompt]))
+        self.model(**self.tokenize_batch([prompt]))
         hook.remove()
         return captured["key"], captured["out"]
 

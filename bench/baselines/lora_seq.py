@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from sola_core.config import TrainConfig
-from sola_core.editor import parent_of
 from sola_core.layer import linear_shape
+from sola_core.models import parent_of
 from sola_core.train import fit, new_adapter
 
 from .served import Served

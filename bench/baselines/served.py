@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from sola_core.generation import encode, greedy, next_token_logits
+from sola_core.generation import greedy, next_token_logits, tokenize_batch
 
 
 class Served:
@@ -13,16 +13,16 @@ class Served:
         self.model, self.tokenizer = model, tokenizer
         self.device = next(model.parameters()).device
 
-    def encode(self, prompts: list[str]) -> dict:
-        return encode(self.model, self.tokenizer, prompts, self.device)
+    def tokenize_batch(self, prompts: list[str]) -> dict:
+        return tokenize_batch(self.model, self.tokenizer, prompts, self.device)
 
     def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
-        return greedy(self.model, self.tokenizer, self.encode(prompts), max_new_tokens)
+        return greedy(self.model, self.tokenizer, self.tokenize_batch(prompts), max_new_tokens)
 
     def logits(self, prompts: list[str]) -> torch.Tensor:
-        return next_token_logits(self.model, self.encode(prompts))
+        return next_token_logits(self.model, self.tokenize_batch(prompts))
 
     def sequence(self, prompt: str, target: str) -> tuple[torch.Tensor, int]:
         """(1, P + n) prompt-then-target ids, and n."""
         target_ids = self.tokenizer(target, add_special_tokens=False, return_tensors="pt")["input_ids"]
-        return torch.cat([self.encode([prompt])["input_ids"], target_ids.to(self.device)], 1), target_ids.shape[1]
+        return torch.cat([self.tokenize_batch([prompt])["input_ids"], target_ids.to(self.device)], 1), target_ids.shape[1]

@@ -22,14 +22,14 @@ LONG = " ".join(["Fact number one two three"] * 40)  # about 200 tokens; the tin
 FRANCE = "The capital of France is"
 
 CASES = {
-    "empty prompt": (["edit", "--prompt", "", "--target", " x"], "prompt must not be empty or only whitespace"),
-    "blank prompt": (["edit", "--prompt", " \t ", "--target", " x"], "prompt must not be empty or only whitespace"),
-    "empty target": (["edit", "--prompt", FRANCE, "--target", ""], "target must not be empty or only whitespace"),
-    "blank target": (["edit", "--prompt", FRANCE, "--target", "\n  "], "target must not be empty or only whitespace"),
+    "empty prompt": (["edit", "--prompt", "", "--target", " x"], "prompt must be a non-empty string, not only whitespace"),
+    "blank prompt": (["edit", "--prompt", " \t ", "--target", " x"], "prompt must be a non-empty string, not only whitespace"),
+    "empty target": (["edit", "--prompt", FRANCE, "--target", ""], "target must be a non-empty string, not only whitespace"),
+    "blank target": (["edit", "--prompt", FRANCE, "--target", "\n  "], "target must be a non-empty string, not only whitespace"),
     "prompt too long": (["edit", "--prompt", LONG, "--target", " x"], "tokens; the model's context is 128"),
     "target too long": (["edit", "--prompt", FRANCE, "--target", LONG], "tokens; the model's context is 128"),
-    "generate empty": (["generate", FRANCE, ""], "prompts must not be empty or only whitespace"),
-    "route blank": (["route", "   "], "prompts must not be empty or only whitespace"),
+    "generate empty": (["generate", FRANCE, ""], "prompt must be a non-empty string, not only whitespace"),
+    "route blank": (["route", "   "], "prompt must be a non-empty string, not only whitespace"),
     "generate too long": (["generate", LONG], "tokens; the model's context is 128"),
     "max new tokens 0": (["generate", FRANCE, "--max-new-tokens", "0"], "Invalid value for '--max-new-tokens'"),
     "show unknown": (["show", "99"], "no edit with id 99"),
@@ -121,11 +121,11 @@ JSONL = {
     "broken json": ([GOOD, '{"prompt": "oops"'], 2, "expected a JSON object with prompt and target"),
     "not an object": ([GOOD, GOOD, "[1, 2]"], 3, "expected a JSON object with prompt and target"),
     "missing target": (['{"prompt": "x"}'], 1, "expected a JSON object with prompt and target"),
-    "number target": ([GOOD, '{"prompt": "x", "target": 5}'], 2, "prompt and target must be non-empty strings"),
-    "blank prompt": (["", GOOD, '{"prompt": "  ", "target": " y"}'], 3, "prompt and target must be non-empty strings"),
+    "number target": ([GOOD, '{"prompt": "x", "target": 5}'], 2, "target must be a non-empty string, not only whitespace"),
+    "blank prompt": (["", GOOD, '{"prompt": "  ", "target": " y"}'], 3, "prompt must be a non-empty string, not only whitespace"),
     "not utf-8": ([GOOD, b'{"prompt": "caf\xe9", "target": " x"}'], 2, "not valid UTF-8 text"),
     "deep nesting": ([GOOD, "[" * 100000], 2, "expected a JSON object with prompt and target"),
-    "lone surrogate": ([GOOD, '{"prompt": "a\\ud800", "target": " x"}'], 2, "prompt, target and paraphrases must be valid Unicode text"),
+    "lone surrogate": ([GOOD, '{"prompt": "a\\ud800", "target": " x"}'], 2, "prompt is not valid Unicode text (it holds a lone surrogate)"),
     "too long": ([GOOD, GOOD, json.dumps({"prompt": LONG, "target": " x"})], 3, "tokens; the model's context is 128"),
 }
 

@@ -61,7 +61,7 @@ def test_each_batch_is_stored_as_it_finishes_in_order(tmp_path, llama, tokenizer
 
 
 @pytest.mark.parametrize("bad, message", [
-    ({"prompt": "   ", "target": " x"}, "prompt must not be empty"),
+    ({"prompt": "   ", "target": " x"}, "^prompt must be a non-empty string, not only whitespace$"),
     ({"prompt": "The sky is", "target": " x", "form": "poem"}, "form must be one of"),
     ({"prompt": "The sky is", "target": " x", "paraphrases": "The sky was"}, "paraphrases must be a list"),
     ({"prompt": "The sky is"}, "an edit is a dict with prompt, target"),

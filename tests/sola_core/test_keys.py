@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from registry.errors import ValidationError
 from sola_core import EditConfig, RuntimeConfig, SolaEditor, TrainConfig
 from sola_core.keys import EncoderKey, LayerKey, key_source
 
@@ -14,7 +15,7 @@ def encoder(tokenizer):
 
 
 def test_unknown_key_source_is_refused():
-    with pytest.raises(ValueError, match="unknown key source 'nope'; known: layer, encoder"):
+    with pytest.raises(ValidationError, match="^unknown key source 'nope'; known: encoder, layer$"):
         key_source("nope")
 
 
@@ -55,9 +56,9 @@ def test_bfloat16_encoder_keys_stay_far_inside_any_threshold(tokenizer):
 
 
 def test_unknown_encoder_dtype_is_refused(tokenizer):
-    with pytest.raises(ValueError, match="encoder dtype must be one of auto, float32, bfloat16, got 'fp8'"):
+    with pytest.raises(ValidationError, match="encoder dtype must be one of auto, float32, bfloat16, got 'fp8'"):
         EncoderKey(tokenizer, "fp8")
-    with pytest.raises(ValueError, match="encoder_dtype must be one of auto, float32, bfloat16"):
+    with pytest.raises(ValidationError, match="encoder_dtype must be one of auto, float32, bfloat16"):
         RuntimeConfig(encoder_dtype="half")
 
 

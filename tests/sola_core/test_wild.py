@@ -38,7 +38,7 @@ def test_styles(tokenizer):
     assert styled("Who?", "question", "bare", tok) == "Who?"
     assert styled("Who?", "question", "instruct", tok) == "Please answer the question:\n\nQ: Who?\nA:"
     assert styled("Who?", "question", "chat", tok).endswith("<|im_start|>user\nWho?<|im_end|>\n<|im_start|>assistant\n")
-    with pytest.raises(ValueError, match="style must be one of"):
+    with pytest.raises(ValidationError, match="^style must be one of bare, instruct, chat, got 'poem'$"):
         styled("Who?", "question", "poem", tok)
 
 
