@@ -126,7 +126,7 @@ def _edit(f, n: int, rec: dict, config: RegistryConfig) -> NewEdit:
     if keys.dtype != torch.float32:
         raise BundleError(f"bundle edit {n}: key has dtype {keys.dtype}, expected torch.float32")
     try:
-        return NewEdit.encode(config, rec["prompt"], rec["target"], as_keys(keys, config.key_dim), adapter,
+        return NewEdit.checked(config, rec["prompt"], rec["target"], as_keys(keys, config.key_dim), adapter,
                               {**info, "imported_from_id": rec.get("id")}, rec.get("paraphrases") or [])
     except ValidationError as exc:
         raise BundleError(f"bundle edit {n}: {exc}") from None

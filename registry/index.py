@@ -20,8 +20,9 @@ import torch
 
 from .errors import ValidationError
 
-# Below this many queries faiss skips BLAS; batched queries are 3-5x faster with it.
-faiss.cvar.distance_compute_blas_threshold = 20
+# Below this many queries faiss skips BLAS; batched queries are 3-5x faster with it. faiss reads it from a
+# process-wide variable (no per-call argument), so it is set where this module searches (``_knn``), not on import.
+BLAS_THRESHOLD = 20
 BACKENDS = ("faiss", "torch")
 KEY_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 # fp16 scan: extra candidates rescored in float32, and how far (in cosine similarity) an fp16 score may
@@ -45,6 +46,11 @@ def _knn_gpu(q: torch.Tensor, keys: torch.Tensor, k: int, metric: int) -> tuple[
     import faiss.contrib.torch_utils  # noqa: F401  (patches faiss to take torch tensors)
 
     return faiss.knn_gpu(_faiss_gpu_resources(), q, keys, k, metric=metric)
+
+
+def _faiss_knn(q: np.ndarray, keys: np.ndarray, k: int, metric: int) -> tuple[np.ndarray, np.ndarray]:
+    faiss.cvar.distance_compute_blas_threshold = BLAS_THRESHOLD
+    return faiss.knn(q, keys, k, metric=metric)
 
 
 def _normalise(x: np.ndarray | torch.Tensor, in_place: bool = False) -> np.ndarray | torch.Tensor:
@@ -263,7 +269,7 @@ class KeyIndex:
             d, rows = _knn_gpu(q, self._keys[: self._n], k, metric)
             d, rows = d.cpu().numpy(), rows.cpu().numpy()
         else:
-            d, rows = faiss.knn(q, self._keys[: self._n], k, metric=metric)
+            d, rows = _faiss_knn(q, self._keys[: self._n], k, metric)
         return (1.0 - d, rows) if self.metric == "cosine" else self._exact_l2(q, rows)
 
     def _exact_l2(self, q: np.ndarray | torch.Tensor, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -311,6 +317,6 @@ class KeyIndex:
         if c < self._n:
             unsure = approx[:, -1].float().cpu().numpy() + _HALF_SLACK >= sim[:, -1]
             if unsure.any():
-                d, r = faiss.knn(qn[unsure], self._master[: self._n], k, metric=faiss.METRIC_INNER_PRODUCT)
+                d, r = _faiss_knn(qn[unsure], self._master[: self._n], k, faiss.METRIC_INNER_PRODUCT)
                 sim[unsure], rows[unsure] = d, r
         return 1.0 - sim, rows

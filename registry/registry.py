@@ -9,22 +9,24 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import islice
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
-import torch
 
-from . import bundle, peft_format, verify
-from .codec import (KEY_DTYPE, LIBRARY_VERSION, MAX_KEYS, SCHEMA_VERSION, adapter_nbytes, decode_adapter, decode_json,
-                    decode_keys)
+from .codec import KEY_DTYPE, LIBRARY_VERSION, MAX_KEYS, SCHEMA_VERSION, adapter_nbytes, decode_adapter, decode_json, decode_keys
 from .errors import CorruptEdit, EditNotFound, ReadOnlyError, RegistryError, SchemaError, ValidationError
-from .index import KeyIndex
+from .meta import get_meta, init_meta, load_config, put_meta, stored_version, upgrade
+from .nearest import routed
 from .store import MAX_MAP_SIZE, Store, Txn
-from .transaction import NewEdit, Stale, Transaction, get_meta, is_tombstone, put_meta
+from .transaction import NewEdit, Stale, Transaction
 from .types import STATUSES, Record, RegistryConfig, VerifyReport
+
+if TYPE_CHECKING:  # torch and faiss load only when keys are searched or adapters decoded, never for listing
+    import torch
+
+    from .index import KeyIndex
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -46,6 +48,7 @@ class EditRegistry:
         self._tombstones: KeyIndex | None = None  # rolled-back keys (see ``match``)
         self._listeners: list[Listener] = []
         self._seen = self.generation
+        self.index_builds = 0  # times the active-key index was built from the store (not replayed into)
 
     # --- opening -------------------------------------------------------------------------
     @classmethod
@@ -66,7 +69,7 @@ class EditRegistry:
             raise RegistryError(f"{path} is not empty; choose a new or empty directory")
         store = Store(path, create=True, max_map_size=max_map_size)
         try:
-            store.write(lambda txn: _init_meta(txn, config))
+            store.write(lambda txn: init_meta(txn, config))
         except BaseException:
             store.close()
             raise
@@ -86,11 +89,11 @@ class EditRegistry:
             raise SchemaError(f"{path} is not a registry (it has no data.mdb)")
         store = Store(path, readonly=readonly, max_map_size=max_map_size)
         try:
-            version = _stored_version(store)
+            version = stored_version(store)
             if not readonly and isinstance(version, int) and version < SCHEMA_VERSION:
-                store.write(_upgrade)
+                store.write(upgrade)
             with store.read() as txn:
-                config = _load_config(txn, path)
+                config = load_config(txn, path)
         except BaseException:
             store.close()
             raise
@@ -132,6 +135,28 @@ class EditRegistry:
         """Number of writes ever committed; changes whenever any process writes."""
         with self._store.read() as txn:
             return get_meta(txn, "generation")
+
+    @property
+    def seen_generation(self) -> int:
+        """The generation this instance has replayed up to (``refresh``); ``generation`` is the store's now."""
+        return self._seen
+
+    @property
+    def key_index(self) -> KeyIndex | None:
+        """The in-memory index of active keys, or None until a search or a conflict check builds it. Derived
+        data, exposed for inspection: changing it changes routing until the next rebuild."""
+        return self._index
+
+    def indexed_ids(self) -> set[int]:
+        """The edits the active-key index holds (building it if needed): ``verify`` checks they are the active
+        ones."""
+        return set(self._ensure_index().ids().tolist())
+
+    def snapshot(self) -> tuple[int, dict[str, set[int]]]:
+        """(generation, ids in each database) from one read transaction: what is stored, below the records."""
+        with self._store.read() as txn:
+            return get_meta(txn, "generation"), {db: set(txn.ids(db)) for db in
+                                                 ("records", "keys", "adapters", "active", "tombstones")}
 
     # --- reading -------------------------------------------------------------------------
     def get(self, edit_id: int) -> Record:
@@ -196,31 +221,13 @@ class EditRegistry:
         return dists[:, 0], ids[:, 0]
 
     def match(self, queries: Any, distances: bool = False) -> Any:
-        """The edit id routed to per query row, or -1: when no active key lies within the threshold, or when a
-        rolled-back edit's key (a tombstone) lies nearer than the nearest active key. With ``distances``,
-        (distance to the nearest active key, id) from the same search.
-
-        Tombstones make rollback exact: the inputs an edit took over go back to the base model, not to a
-        neighbouring edit that happens to lie within the threshold. "Nearer" is by more than the supersede
-        distance (as Euclidean distance between unit keys, for cosine), so a tombstone never shadows an active
-        edit within that distance of it: a re-edit of the same prompt, or the version a rollback brought back.
-        """
+        """The edit id routed to per query row, or -1 (the rule: ``nearest.routed``, with tombstones). With
+        ``distances``, (distance to the nearest active key, id) from the same search."""
         dists, ids = self.nearest(queries)
-        routed = dists <= self._config.threshold
         tombstones = self._ensure_tombstones()
-        if len(tombstones):
-            tomb_dists = tombstones.search(queries, 1)[0][:, 0]
-            margin = self._chord(np.float64(self._config.supersede_distance))
-            routed &= self._chord(dists) <= self._chord(tomb_dists) + margin
-        if isinstance(ids, torch.Tensor):
-            ids = torch.where(routed, ids, torch.full_like(ids, -1))
-        else:
-            ids = np.where(routed, ids, -1)
+        tomb_dists = tombstones.search(queries, 1)[0][:, 0] if len(tombstones) else None
+        ids = routed(self._config, dists, ids, tomb_dists)
         return (dists, ids) if distances else ids
-
-    def _chord(self, dist: Any) -> Any:
-        """Distance as a metric (triangle inequality): cosine distance 1 - cos(a, b) of unit keys is |a - b|^2 / 2."""
-        return (2 * dist).clip(min=0) ** 0.5 if self._config.metric == "cosine" else dist
 
     def _ensure_index(self) -> KeyIndex:
         if self._index is None:
@@ -235,9 +242,13 @@ class EditRegistry:
     def _build_index(self, db: str) -> KeyIndex:
         """The keys of the ids in ``db`` from one read transaction, each copied once into the index's matrix
         (derived data, never stored)."""
+        from .index import KeyIndex
+
         with self._store.read(buffers=True) as txn:
             ids = list(txn.ids(db))
             ids, keys = _read_keys(txn, ids, self._config.key_dim, spare=max(16, len(ids) // 8))
+        if db == "active":
+            self.index_builds += 1
         return KeyIndex.from_matrix(ids, keys, self._config.metric, self._backend, self._device, self._key_dtype)
 
     # --- writing -------------------------------------------------------------------------
@@ -247,7 +258,7 @@ class EditRegistry:
         dim), all routing to this edit. The active edit with a key nearest to any of them, within
         ``config.supersede_distance``, becomes superseded by it."""
         self._check_writable()
-        edit = NewEdit.encode(self._config, prompt, target, keys, adapter, info, paraphrases)
+        edit = NewEdit.checked(self._config, prompt, target, keys, adapter, info, paraphrases)
         return self._write("add", lambda tx: tx.insert(edit), needs_index=True)
 
     def add_many(self, items: Iterable[dict], batch_size: int = 1000, *,
@@ -271,7 +282,7 @@ class EditRegistry:
 
     def _new_edit(self, item: dict) -> NewEdit:
         try:
-            return NewEdit.encode(self._config, **item)
+            return NewEdit.checked(self._config, **item)
         except TypeError:
             raise ValidationError(
                 f"add_many items are dicts with prompt, target, keys, adapter and optional info and paraphrases; "
@@ -349,7 +360,7 @@ class EditRegistry:
     def _apply(self, event: dict, keys: dict[int, np.ndarray]) -> None:
         if event["op"] == "config":
             with self._store.read() as txn:
-                self._config = _load_config(txn, self.path)
+                self._config = load_config(txn, self.path)
         elif event["op"] == "repair":
             self._index = self._tombstones = None  # derived data was rebuilt in the store: rebuild ours lazily
         else:
@@ -357,6 +368,12 @@ class EditRegistry:
             _replay(self._tombstones, event["activated"], event.get("entombed", []), keys)
         for listener in list(self._listeners):
             listener(event)
+
+    def event(self, seq: int) -> dict | None:
+        """Log event number ``seq`` (1 .. generation): what one write changed, as ``refresh`` replays it."""
+        with self._store.read() as txn:
+            data = txn.get("log", _check_id(seq))
+        return None if data is None else decode_json(data)
 
     def on_change(self, callback: Listener) -> Callable[[], None]:
         """Call ``callback(event)`` after every write seen (ours or replayed); returns an unsubscriber."""
@@ -368,11 +385,11 @@ class EditRegistry:
         """JSON-safe summary for ``sola stats``."""
         with self._store.read() as txn:
             counts, generation = get_meta(txn, "counts"), get_meta(txn, "generation")
-            schema_version = get_meta(txn, "schema_version")
+            schema_version, next_id = get_meta(txn, "schema_version"), get_meta(txn, "next_id")
         config = self._config.to_dict()
         del config["fingerprint"]
         return {**counts, "total": sum(counts.values()), **config, "generation": generation,
-                "disk_bytes": self._store.disk_bytes, "map_size": self._store.map_size,
+                "next_id": next_id, "disk_bytes": self._store.disk_bytes, "map_size": self._store.map_size,
                 "adapter_bytes": adapter_nbytes(self._config), "schema_version": schema_version,
                 "library_version": LIBRARY_VERSION}
 
@@ -382,6 +399,8 @@ class EditRegistry:
 
         ``fingerprint``: the model's, to check that this registry was made for it.
         """
+        from . import verify
+
         if repair:
             self._check_writable()
         self.refresh()
@@ -394,6 +413,8 @@ class EditRegistry:
 
     def export(self, path: str | os.PathLike, status: str | None = "active") -> int:
         """Write the edits with ``status`` (None: all) to one safetensors bundle; returns the count."""
+        from . import bundle
+
         records, keys, adapters = self._contents(status)
         bundle.write(os.fspath(path), self._config, records, keys, adapters)
         return len(records)
@@ -402,6 +423,8 @@ class EditRegistry:
         """Write one PEFT LoRA adapter directory per edit with ``status``, plus an index of names, edits and keys
         (registry/peft_format.py); returns the index rows. ``base_model`` is the name the serving engine knows the
         base model by (vLLM's filesystem resolver only loads adapters whose config names the served model)."""
+        from . import peft_format
+
         records, keys, adapters = self._contents(status)
         return peft_format.write(os.fspath(directory), self._config, records, keys, adapters, base_model)
 
@@ -417,6 +440,8 @@ class EditRegistry:
 
     def import_(self, path: str | os.PathLike) -> list[int]:
         """Add every edit of a bundle in one transaction (all or nothing); returns the new ids."""
+        from . import bundle
+
         self._check_writable()
         edits = bundle.read(os.fspath(path), self._config)
         self._store.reserve(os.path.getsize(path))
@@ -431,52 +456,6 @@ def _replay(index: KeyIndex | None, removed: list[int], added: list[int], keys: 
     if added:
         index.add([i for i in added for _ in keys[i]], np.concatenate([keys[i] for i in added]))
 
-
-def _stored_version(store: Store) -> Any:
-    with store.read() as txn:
-        return get_meta(txn, "schema_version")
-
-
-def _upgrade(txn: Txn) -> None:
-    """Bring a registry written by an older version up to this schema, in the open's write transaction.
-
-    Version 1 had no tombstones: every rolled-back edit becomes one, as if rolled back today. Version 2 held one
-    key per edit, which version 3 reads as it is.
-    """
-    version = get_meta(txn, "schema_version")
-    if not isinstance(version, int) or version >= SCHEMA_VERSION:
-        return
-    if version == 1:
-        for edit_id, data in txn.items("records"):
-            if is_tombstone(decode_json(data)):
-                txn.put("tombstones", edit_id, b"")
-    put_meta(txn, "schema_version", SCHEMA_VERSION)
-
-
-def _init_meta(txn: Txn, config: RegistryConfig) -> None:
-    if get_meta(txn, "schema_version") is not None:
-        raise RegistryError("a registry already exists here")
-    for name, value in {"schema_version": SCHEMA_VERSION, "config": config.to_dict(), "next_id": 1,
-                        "generation": 0, "created": time.time(), "library_version": LIBRARY_VERSION,
-                        "counts": dict.fromkeys(STATUSES, 0)}.items():
-        put_meta(txn, name, value)
-
-
-def _load_config(txn: Txn, path: str) -> RegistryConfig:
-    version = get_meta(txn, "schema_version")
-    if version is None:
-        raise SchemaError(f"{path} is not a registry (it has no schema version)")
-    if isinstance(version, int) and version < SCHEMA_VERSION:
-        raise SchemaError(f"registry at {path} was written by an older version (schema {version}); open it once "
-                          "without read-only to upgrade it")
-    if version != SCHEMA_VERSION:
-        raise SchemaError(
-            f"registry schema version {version} is not supported by this version (expects {SCHEMA_VERSION})"
-        )
-    try:
-        return RegistryConfig.from_dict(get_meta(txn, "config"))
-    except (TypeError, ValueError) as exc:
-        raise SchemaError(f"registry at {path} has an unreadable config: {exc}") from None
 
 
 def _record(txn: Txn, edit_id: int) -> Record:

@@ -12,31 +12,25 @@ the map grows, so it changes nothing outside the LMDB transaction; the caller ap
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .codec import as_keys, decode_json, decode_keys, encode_adapter, encode_json, sha256
 from .errors import CorruptEdit, EditNotFound, InvalidTransition, ValidationError
-from .index import KeyIndex
+from .meta import get_meta, put_meta
+from .nearest import nearest_row, superseded
 from .store import Txn
-from .types import ACTIVE, ROLLED_BACK, STATUSES, SUPERSEDED, Record, RegistryConfig
+from .types import ACTIVE, ROLLED_BACK, STATUSES, SUPERSEDED, Record, RegistryConfig, check_edit_text, is_tombstone
+
+if TYPE_CHECKING:
+    from .index import KeyIndex
 
 
 class Stale(Exception):
     """Another process wrote since this instance last refreshed; retry after refreshing."""
-
-
-def get_meta(txn: Txn, name: str) -> Any:
-    data = txn.get("meta", name)
-    return None if data is None else decode_json(data)
-
-
-def put_meta(txn: Txn, name: str, value: Any) -> None:
-    txn.put("meta", name, encode_json(value))
 
 
 @dataclass
@@ -52,18 +46,10 @@ class NewEdit:
     paraphrases: list[str]
 
     @classmethod
-    def encode(cls, config: RegistryConfig, prompt: str, target: str, keys: Any,
-               adapter: dict, info: dict | None = None, paraphrases: Any = ()) -> NewEdit:
-        if not isinstance(prompt, str) or not isinstance(target, str):
-            raise ValidationError("prompt and target must be strings")
-        if isinstance(paraphrases, str) or not all(isinstance(p, str) for p in paraphrases):
-            raise ValidationError("paraphrases must be a list of strings")
-        paraphrases = list(paraphrases)
-        for name, text in (("prompt", prompt), ("target", target), *(("paraphrase", p) for p in paraphrases)):
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError:
-                raise ValidationError(f"{name} is not valid Unicode text (it holds a lone surrogate)") from None
+    def checked(cls, config: RegistryConfig, prompt: str, target: str, keys: Any,
+                adapter: dict, info: dict | None = None, paraphrases: Any = ()) -> NewEdit:
+        """The edit refused (ValidationError) unless its text, keys, adapter and info can be stored as given."""
+        paraphrases = check_edit_text(prompt, target, paraphrases)
         info = {} if info is None else info
         if not isinstance(info, dict):
             raise ValidationError(f"info must be a dict, got {type(info).__name__}")
@@ -94,7 +80,7 @@ class Transaction:
         self._final: dict[int, bool] = {}  # id -> is active now
         self._keys: dict[int, np.ndarray] = {}  # (n, dim) keys of ids activated here
         self._entombed: dict[int, np.ndarray] = {}  # (n, dim) keys of ids that became tombstones here
-        self._pending = None if index is None else KeyIndex(config.key_dim, config.metric, capacity=16)
+        self._pending = None if index is None else _pending_index(config)
 
     # --- records -------------------------------------------------------------------------
     def record(self, edit_id: int) -> Record:
@@ -156,31 +142,11 @@ class Transaction:
 
     # --- conflicts -----------------------------------------------------------------------
     def _conflict(self, keys: np.ndarray, hint: tuple[float, int] | None = None) -> int | None:
-        """The active edit with a key nearest to any of ``keys``, if within the supersede distance, counting
-        this transaction's changes.
-
-        ``hint`` is a precomputed (distance, id) from the committed index (batched search).
-        """
+        """The active edit a new or restored one with ``keys`` supersedes (nearest.superseded), counting this
+        transaction's changes; never one without the index (a write that checks no conflicts)."""
         if self.index is None:
             return None
-        dist, found = hint if hint is not None else _nearest(self.index.search(keys, 1))
-        if self._final.get(found) is False:  # changed here: look past what this txn deactivated
-            dist, found = self._nearest_committed(keys)
-        pending_dist, pending_found = _nearest(self._pending.search(keys, 1))
-        if pending_dist < dist:
-            dist, found = pending_dist, pending_found
-        return found if found >= 0 and dist <= self.config.supersede_distance else None
-
-    def _nearest_committed(self, keys: np.ndarray) -> tuple[float, int]:
-        skipped = sum(self.index.count(i) for i, active in self._final.items() if not active)
-        dists, ids = self.index.search(keys, min(len(self.index), skipped + 1))
-        best = (math.inf, -1)
-        for row_dists, row_ids in zip(dists.tolist(), ids.tolist()):
-            for dist, found in zip(row_dists, row_ids):
-                if self._final.get(found) is not False:
-                    best = min(best, (dist, found))
-                    break
-        return best
+        return superseded(keys, self.config.supersede_distance, self.index, self._pending, self._final, hint)
 
     def _supersede(self, old_id: int, new_id: int) -> None:
         old = self.record(old_id)
@@ -211,7 +177,7 @@ class Transaction:
         if self.index is not None and edits:
             dists, ids = self.index.search(np.concatenate([edit.keys for edit in edits]), 1)
             ends = np.cumsum([len(edit.keys) for edit in edits]).tolist()
-            hints = [_nearest((dists[start:end], ids[start:end])) for start, end in zip([0] + ends, ends)]
+            hints = [nearest_row((dists[start:end], ids[start:end])) for start, end in zip([0] + ends, ends)]
         return [self.insert(edit, hint) for edit, hint in zip(edits, hints)]
 
     def rollback(self, edit_id: int, keep_inactive: frozenset[int] = frozenset()) -> Record:
@@ -308,13 +274,8 @@ class Transaction:
         return {**self._keys, **self._entombed}
 
 
-def is_tombstone(rec: dict) -> bool:
-    """A rolled-back edit keeps its key as a tombstone unless repair rolled it back for being corrupt."""
-    return rec.get("status") == ROLLED_BACK and "corrupt" not in (rec.get("info") or {})
+def _pending_index(config: RegistryConfig) -> KeyIndex:
+    """The keys one transaction activates, searched beside the committed index (small: on the CPU)."""
+    from .index import KeyIndex  # faiss: only for writes that check conflicts
 
-
-def _nearest(result: tuple[np.ndarray, np.ndarray]) -> tuple[float, int]:
-    """The nearest (distance, id) over all query rows of a k=1 search."""
-    dists, ids = result
-    row = int(np.argmin(dists[:, 0]))
-    return float(dists[row, 0]), int(ids[row, 0])
+    return KeyIndex(config.key_dim, config.metric, capacity=16)

@@ -18,6 +18,12 @@ def adapter_names(layer: int) -> tuple[str, str]:
     return f"{layer}.A", f"{layer}.B"
 
 
+def is_tombstone(rec: dict) -> bool:
+    """A rolled-back edit (a stored record's dict) keeps its keys as a tombstone unless repair rolled it back for
+    being corrupt (see nearest.routed)."""
+    return rec.get("status") == ROLLED_BACK and "corrupt" not in (rec.get("info") or {})
+
+
 def check_text(name: str, text: Any) -> str:
     """The one rule for any text a user gives (prompt, target, paraphrase, query), wherever it enters: a
     non-empty string of valid Unicode (JSON allows a lone surrogate; tokenizers, LMDB and terminals do not)."""

@@ -8,13 +8,17 @@ derived data (counters, active set, next id); the caller's index is rebuilt from
 from __future__ import annotations
 
 from collections import Counter
+from typing import TYPE_CHECKING
 
 from .codec import SCHEMA_VERSION, decode_adapter, decode_json, decode_keys
 from .errors import CorruptEdit
-from .index import KeyIndex
+from .meta import get_meta
 from .store import Txn
-from .transaction import Transaction, get_meta, is_tombstone
-from .types import ACTIVE, ROLLED_BACK, STATUSES, SUPERSEDED, Record, RegistryConfig, VerifyReport
+from .transaction import Transaction
+from .types import ACTIVE, ROLLED_BACK, STATUSES, SUPERSEDED, Record, RegistryConfig, VerifyReport, is_tombstone
+
+if TYPE_CHECKING:
+    from .index import KeyIndex
 
 
 def check(txn: Txn, config: RegistryConfig, index: KeyIndex | None, tombstones: KeyIndex | None = None,

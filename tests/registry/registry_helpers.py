@@ -2,7 +2,7 @@
 import numpy as np
 import torch
 
-from registry import LayerSpec, RegistryConfig
+from registry import EditRegistry, LayerSpec, RegistryConfig
 
 KEY_DIM = 16
 
@@ -31,3 +31,9 @@ def make_key(seed: int, dim: int = KEY_DIM) -> np.ndarray:
 def near(key: np.ndarray, seed: int = 99, scale: float = 1e-3) -> np.ndarray:
     """A key within any reasonable threshold of ``key``."""
     return (key + scale * make_key(seed, len(key))).astype(np.float32)
+
+
+def damage(reg: EditRegistry, write) -> None:
+    """Run ``write(txn)`` on an open registry's store, below every rule of the registry (bit rot, a lost entry,
+    an older schema): the one place the registry suite reaches past the public API."""
+    reg._store.write(write)

@@ -2,13 +2,13 @@
 rollback with tombstones, restore, replay in another process, verify, export/import) moves all of them together."""
 import numpy as np
 import pytest
-from registry_helpers import make_adapter, make_config, make_key, near
+from registry_helpers import damage, make_adapter, make_config, make_key, near
 
 from registry import EditRegistry
 from registry.codec import encode_json, sha256
 from registry.errors import ValidationError
 from registry.store import Store
-from registry.transaction import put_meta
+from registry.meta import put_meta
 
 PARAPHRASES = ["p1 said otherwise", "p1 asked as a question?"]
 
@@ -121,7 +121,7 @@ def test_a_version_2_registry_opens_as_it_is(tmp_path):
     path = tmp_path / "r"
     with EditRegistry.create(path, make_config()) as reg:
         edit = reg.add("p1", "t1", make_key(1), make_adapter(reg.config, 1))
-        reg._store.write(lambda txn: put_meta(txn, "schema_version", 2))
+        damage(reg, lambda txn: put_meta(txn, "schema_version", 2))
     with pytest.raises(Exception, match="written by an older version \\(schema 2\\); open it once without read-only"):
         EditRegistry.open(path, readonly=True)
     with EditRegistry.open(path) as reg:

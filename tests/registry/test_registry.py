@@ -195,7 +195,7 @@ def test_add_many_without_conflict_checks_does_not_build_the_index(reg):
     items = ({"prompt": "p", "target": "t", "keys": make_key(i), "adapter": make_adapter(reg.config, i),
               "info": {"n": i}} for i in range(2500))
     ids = reg.add_many(items, check_conflicts=False)
-    assert ids == list(range(1, 2501)) and reg._index is None
+    assert ids == list(range(1, 2501)) and reg.key_index is None
     assert reg.count("active") == 2500 and reg.get(2500).info == {"n": 2499}
     queries = np.stack([make_key(i) for i in (0, 1234, 2499)])
     assert reg.match(queries).tolist() == [1, 1235, 2500]

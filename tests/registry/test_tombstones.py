@@ -3,11 +3,11 @@ not to a neighbouring edit that happens to lie within the threshold."""
 import numpy as np
 import pytest
 import torch
-from registry_helpers import make_adapter, make_config, make_key, near
+from registry_helpers import damage, make_adapter, make_config, make_key, near
 
 from registry import EditRegistry
 from registry.codec import SCHEMA_VERSION
-from registry.transaction import put_meta
+from registry.meta import put_meta
 
 
 def add(reg, seed, key=None):
@@ -75,7 +75,7 @@ def test_a_tombstone_never_shadows_the_version_it_brought_back_or_a_re_edit(reg)
 def test_an_edit_whose_key_is_corrupt_still_rolls_back_without_a_tombstone(tmp_path):
     reg, first, second, close = neighbours(tmp_path)
     with reg:
-        reg._store.write(lambda txn: txn.put("keys", first, b"\0" * 4 * reg.config.key_dim))  # fails its checksum
+        damage(reg, lambda txn: txn.put("keys", first, b"\0" * 4 * reg.config.key_dim))  # fails its checksum
         rec = reg.rollback(first)
         assert rec.status == "rolled_back" and "checksum" in rec.info["corrupt"]
         assert reg.match(np.stack([make_key(1), close])).tolist() == [second, second]  # nothing shields its prompt
@@ -86,7 +86,7 @@ def test_verify_finds_and_repair_rebuilds_a_lost_tombstone(tmp_path):
     reg, first, _, _ = neighbours(tmp_path)
     with reg:
         reg.rollback(first)
-        reg._store.write(lambda txn: txn.delete("tombstones", first))
+        damage(reg, lambda txn: txn.delete("tombstones", first))
         report = reg.verify(repair=True)
         assert f"edit {first} is a tombstone but missing from the tombstones set" in report.problems
         assert reg.verify().ok and reg.match(make_key(1)[None]).tolist() == [-1]
@@ -101,7 +101,7 @@ def test_a_version_1_registry_is_upgraded_on_open(tmp_path):
             txn.drop("tombstones")
             put_meta(txn, "schema_version", 1)
 
-        reg._store.write(downgrade)
+        damage(reg, downgrade)
     with EditRegistry.open(tmp_path / "r") as upgraded:
         assert upgraded.stats()["schema_version"] == SCHEMA_VERSION
         assert upgraded.match(np.stack([make_key(1), close])).tolist() == [-1, second]

@@ -78,7 +78,7 @@ def test_wrong_counters_and_active_set_are_rebuilt(three_edits):
 def test_stale_index_is_reported_and_rebuilt(reg):
     reg.add("a", "A", make_key(1), make_adapter(reg.config, 1))
     reg.match(make_key(1)[None])
-    reg._index.remove([1])  # simulate a lost index update
+    reg.key_index.remove([1])  # simulate a lost index update
     assert reg.verify().problems == ["edit 1 is active but missing from the active index"]
     reg.verify(repair=True)
     assert reg.match(make_key(1)[None]).tolist() == [1] and reg.verify().ok

@@ -62,8 +62,7 @@ torch.set_num_threads(1)
 
 from registry import EditRegistry  # noqa: E402
 from registry.codec import adapter_shapes  # noqa: E402
-from registry.registry import EditRegistry as _Registry  # noqa: E402
-from registry.store import Txn  # noqa: E402
+from registry.store import Store, Txn  # noqa: E402
 from registry.transaction import Transaction  # noqa: E402
 from sola_core import SolaEditor, TrainConfig  # noqa: E402
 from sola_core.models import load_model  # noqa: E402
@@ -106,7 +105,8 @@ def arm(point: str, after: int) -> None:
         finish = Transaction.finish
         Transaction.finish = lambda self, op: (finish(self, op), _die())[0]
     elif point == "apply":
-        _Registry._apply = lambda self, event, keys: _die()
+        write = Store.write
+        Store.write = lambda self, body: (write(self, body), _die())[0]  # committed, not yet applied
     else:
         raise ValueError(point)
 
@@ -171,7 +171,7 @@ def soak_reader(model, tokenizer, path: str, progress: str, stop: str, prompts: 
     errors: list[str] = []
     checked = [0]  # rows whose generated text was checked against their edit's target
     editor.generate(prompts[:1], max_new_tokens=1)
-    index = editor.registry._index  # built once; from here on new edits are only replayed into it
+    index = editor.registry.key_index  # built once; from here on new edits are only replayed into it
     out.write(event="start")
     rounds = 0
     while True:
@@ -185,19 +185,17 @@ def soak_reader(model, tokenizer, path: str, progress: str, stop: str, prompts: 
             break
     out.write(event="finished", rounds=rounds, errors=errors[:10], n_errors=len(errors), seen=sorted(view.seen),
               checked_outputs=checked[0],
-              routes=editor.route(prompts), generation=editor.registry._seen,
-              same_index=editor.registry._index is index)
+              routes=editor.route(prompts), generation=editor.registry.seen_generation,
+              same_index=editor.registry.key_index is index)
 
 
 class View:
     """The active edits as this process knows them: a snapshot at open, then every replayed log event."""
 
     def __init__(self, reg: EditRegistry):
-        from registry.transaction import get_meta
-
         self.reg, self.seen = reg, set()
-        with reg._store.read() as txn:
-            self.generation, self.active = get_meta(txn, "generation"), set(txn.ids("active"))
+        self.generation, ids = reg.snapshot()
+        self.active = ids["active"]
         self.records: dict = {}
         reg.on_change(self._apply)
 
@@ -294,10 +292,10 @@ def serve(model_dir: str, path: str) -> None:
         routed = editor.routed()
         logits = editor.logits(request["prompts"][:1])[0].tolist()
         if index is None:
-            index = editor.registry._index  # the first build; later forwards only replay the log into it
+            index = editor.registry.key_index  # the first build; later forwards only replay the log into it
         print(json.dumps({"outputs": outputs, "edits": routed, "logits": logits,
-                          "generation": editor.registry._seen,
-                          "same_index": editor.registry._index is index}), flush=True)
+                          "generation": editor.registry.seen_generation,
+                          "same_index": editor.registry.key_index is index}), flush=True)
 
 
 def cli_commands(commands: str) -> None:

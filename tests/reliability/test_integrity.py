@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import torch
-from reliability_helpers import invoke, tamper
+from reliability_helpers import damage, invoke, tamper
 
 from registry import EditRegistry
 from registry.codec import adapter_shapes
@@ -123,9 +123,9 @@ def test_a_corrupt_edit_is_never_applied_its_row_gets_the_base_output(tmp_path, 
         reg = editor.registry
         ids = [reg.add(p, " x", editor.key(p), strong_adapter(reg, i)) for i, p in enumerate(PROMPTS[:3])]
         healthy = editor.logits(PROMPTS[:1])
-        store = reg._store  # damage through the open environment: bit rot, no generation bump
-        store.write(lambda txn: txn.put("adapters", ids[1], flip(txn.get("adapters", ids[1]))))
-        store.write(lambda txn: txn.put("keys", ids[2], flip(txn.get("keys", ids[2]))))
+        # damage through the open environment: bit rot, no generation bump
+        damage(reg, lambda txn: txn.put("adapters", ids[1], flip(txn.get("adapters", ids[1]))))
+        damage(reg, lambda txn: txn.put("keys", ids[2], flip(txn.get("keys", ids[2]))))
 
         with caplog.at_level(logging.WARNING):
             served = editor.logits(PROMPTS)

@@ -19,18 +19,11 @@ from reliability_helpers import (check_consistent, make_bundle, read_lines, sola
                                  writer_lock_is_free)
 
 from registry import EditRegistry
-from registry.transaction import get_meta
 
 OPS = ("edit", "rollback", "restore", "import")
 LOG_OP = {"edit": "add", "rollback": "rollback", "restore": "restore", "import": "import"}
 BUNDLE_SIZE = 20
 KILLS_PER_OP = int(os.environ.get("SOLA_KILLS_PER_OP", "13"))  # 4 ops x 13 = 52 random external kills
-
-
-def log_event(reg: EditRegistry, seq: int) -> dict | None:
-    with reg._store.read() as txn:
-        data = txn.get("log", seq)
-    return None if data is None else json.loads(data)
 
 
 def plan(rng: random.Random) -> list[tuple[str, list | None]]:
@@ -56,7 +49,8 @@ def test_sigkill_at_random_points_never_leaves_a_partial_edit(crash_registry, zy
     path, bundle = crash_registry
     rng = random.Random(1234)
     live = EditRegistry.open(path)  # stays open across every crash: a serving process's view
-    index = live._ensure_index()
+    live.indexed_ids()
+    index = live.key_index
     estimate = {"edit": 0.5, "rollback": 0.05, "restore": 0.05, "import": 0.3}  # seconds, refined as we go
     kills = {"external": 0, "injected": 0}
     try:
@@ -78,7 +72,7 @@ def test_sigkill_at_random_points_never_leaves_a_partial_edit(crash_registry, zy
                 estimate[op] = max(0.02, 1.5 * statistics.median(line["seconds"] for line in done))
             after = check_consistent(path, live)
             assert writer_lock_is_free(live), f"cycle {n}: a killed writer left the write lock held"
-            assert live._index is index  # replayed into, never rebuilt
+            assert live.key_index is index  # replayed into, never rebuilt
 
             # each edit whole or absent: the record count moved by whole operations only
             per_op = {"edit": 1, "import": BUNDLE_SIZE}.get(op, 0)
@@ -87,7 +81,7 @@ def test_sigkill_at_random_points_never_leaves_a_partial_edit(crash_registry, zy
             assert after["records"] >= before["records"]  # nothing is ever lost
             # every operation reported as done is durable: its log event is there
             for line in done:
-                assert log_event(live, line["seq"])["op"] == LOG_OP[op]
+                assert live.event(line["seq"])["op"] == LOG_OP[op]
             if inject is not None:  # a kill inside the transaction leaves nothing; after the commit, all of it
                 committed = inject[0] == "apply"
                 assert live.generation == generation + committed, (op, inject)
@@ -99,5 +93,4 @@ def test_sigkill_at_random_points_never_leaves_a_partial_edit(crash_registry, zy
     verified = sola("verify", "--json", registry=path)  # and the real CLI agrees, in a fresh process
     assert verified.returncode == 0 and json.loads(verified.stdout)["ok"], verified.stderr
     with EditRegistry.open(path, readonly=True) as reg:
-        with reg._store.read() as txn:
-            assert get_meta(txn, "next_id") > max(txn.ids("records"))
+        assert reg.stats()["next_id"] > max(reg.snapshot()[1]["records"])
