@@ -5,7 +5,8 @@ subprocesses on a 10k-edit registry, medians of several runs, and which heavy mo
     python bench/admin_cli.py --quick   # 300 edits, 2 runs
 
 A command's time is everything a user waits for: interpreter start-up, imports, opening the registry, the
-work and the output. Whether torch / transformers were imported comes from `python -X importtime`.
+work and the output. Which heavy modules it imported comes from one more run under `python -X importtime`
+(not timed: the trace itself slows imports down).
 """
 from __future__ import annotations
 
@@ -48,16 +49,17 @@ def imported(stderr: str) -> list[str]:
     return [name for name in HEAVY if name in names]
 
 
-def run(path: str, argv: list[str]) -> tuple[float, list[str]]:
+def run(path: str, argv: list[str], trace: bool = False) -> tuple[float, list[str]]:
+    """(wall seconds, heavy modules imported: only when `trace`) of `sola --registry path argv`."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-X", "importtime", "-m", "sola_core", "--registry", path, *argv]
+    command = [sys.executable, *(["-X", "importtime"] if trace else []), "-m", "sola_core", "--registry", path, *argv]
     timer = [sys.executable, "-c", "import subprocess, sys, time; t = time.perf_counter(); "
              "p = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
              "sys.stderr.write(p.stderr); print(time.perf_counter() - t); sys.exit(p.returncode)", *command]
     done = subprocess.run(timer, capture_output=True, text=True, env=env)
     if done.returncode:
         raise SystemExit(f"{' '.join(argv)} failed: {done.stderr.splitlines()[-1:]}")
-    return float(done.stdout.split()[-1]), imported(done.stderr)
+    return float(done.stdout.split()[-1]), imported(done.stderr) if trace else []
 
 
 def main() -> None:
@@ -67,10 +69,11 @@ def main() -> None:
         with EditRegistry.create(f"{tmp}/reg", config()) as reg:
             reg.add_many(synthetic_edits(config(), N, seed=0))
         times: dict[str, list[float]] = {name: [] for name in commands("")}
-        heavy: dict[str, list[str]] = {}
+        heavy = {name: run(f"{tmp}/reg", argv, trace=True)[1]
+                 for name, argv in commands(f"{tmp}/bundle.safetensors").items()}
         for _ in range(RUNS):  # round by round, so `rollback 2` is always followed by `restore 2`
             for name, argv in commands(f"{tmp}/bundle.safetensors").items():
-                seconds, heavy[name] = run(f"{tmp}/reg", argv)
+                seconds, _ = run(f"{tmp}/reg", argv)
                 times[name].append(seconds)
         for name, seconds in times.items():
             result["rows"][name] = {"median_s": statistics.median(seconds), "min_s": min(seconds),
