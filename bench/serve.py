@@ -13,8 +13,6 @@ a few dozen requests per point, p99 is close to the slowest request.
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -28,6 +26,7 @@ from common import ROOT, load_model_or_tiny, machine, parse_args, prompts_of_len
 import httpx  # noqa: E402
 
 from sola_core import EditConfig, SolaEditor  # noqa: E402
+from sola_core.launch import Launched, free_port  # noqa: E402
 
 CLIENTS = [1, 4, 16]
 REQUESTS = {1: 6, 4: 12, 16: 32}  # per round at each concurrency, split over the clients
@@ -59,30 +58,17 @@ with SolaEditor.open(registry, model, tok, config=EditConfig(threshold=0.01)) as
 del model
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(max_batch: int) -> tuple[subprocess.Popen, str]:
+def start(max_batch: int) -> Launched:
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
-    proc = subprocess.Popen([sys.executable, "-m", "sola_core", "--registry", registry, "--model", model_arg,
-                             "serve", "--port", str(port), "--served-model-name", "m", "--max-batch", str(max_batch)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        if proc.poll() is not None:
-            raise SystemExit(f"sola serve exited: {proc.stderr.read()[-2000:]}")
-        try:
-            httpx.get(url + "/health", timeout=1)
-            return proc, url
-        except httpx.TransportError:
-            time.sleep(0.2)
-    raise SystemExit("sola serve did not start in 120 s")
+    argv = [sys.executable, "-m", "sola_core", "--registry", registry, "--model", model_arg, "serve", "--port",
+            str(port), "--served-model-name", "m", "--max-batch", str(max_batch)]
+    try:
+        return Launched(argv, port, Path(work.name) / f"serve-{max_batch}.log", env=env)
+    except RuntimeError as e:
+        raise SystemExit(f"sola serve did not start: {e}")
 
 
 def round_of(url: str, texts: list[str], clients: int, expect_edit: bool) -> dict:
@@ -115,7 +101,8 @@ def round_of(url: str, texts: list[str], clients: int, expect_edit: bool) -> dic
 
 results = []
 for max_batch in BATCHES:
-    proc, url = start(max_batch)
+    server = start(max_batch)
+    url = server.url
     try:
         round_of(url, unedited[:2], 1, False)  # warm-up: first-call costs out of the numbers
         for clients in CLIENTS:
@@ -134,8 +121,7 @@ for max_batch in BATCHES:
                       f"p50 {row['p50_ms']:7.0f} ms  p99 {row['p99_ms']:7.0f} ms  "
                       f"{row['rows_per_batch']:.1f} rows/batch  (load {os.getloadavg()[0]:.2f})", flush=True)
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        server.stop()
 
 
 def rate(max_batch: int, clients: int, kind: str) -> float:

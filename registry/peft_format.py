@@ -79,26 +79,11 @@ def peft_tensors(config: RegistryConfig, adapter: dict[str, torch.Tensor]) -> di
 
 def write(directory: str, config: RegistryConfig, records: list[Record], keys: dict[int, np.ndarray],
           adapters: dict[int, dict[str, torch.Tensor]], base_model: str) -> list[dict]:
-    """Write (or keep, when already there) one adapter directory per record, then the index; returns its rows.
-
-    Each directory appears whole or not at all (written under a temporary name, then renamed)."""
-    root = Path(directory)
-    if root.exists() and not root.is_dir():
-        raise FileExistsError(f"{root} is a file, not a directory")
-    root.mkdir(parents=True, exist_ok=True)
-    settings = json.dumps(adapter_config(config, base_model), indent=2) + "\n"
+    """Write (or keep, when already there) one adapter directory per record, then the index; returns its rows."""
+    root = _directory(directory)
     rows, key_tensors = [], {}
     for record in records:
-        name = adapter_name(record)
-        target = root / name
-        if not _holds(target, settings):
-            tmp = root / f".{name}.tmp{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            (tmp / CONFIG_NAME).write_text(settings)
-            safetensors.torch.save_file(peft_tensors(config, adapters[record.id]), str(tmp / WEIGHTS_NAME))
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(tmp, target)
+        name = write_adapter(root, config, record, adapters[record.id], base_model)
         key_tensors[name] = torch.from_numpy(np.ascontiguousarray(keys[record.id], dtype=np.float32))
         rows.append({"name": name, "edit_id": record.id, "prompt": record.prompt, "target": record.target,
                      "paraphrases": list(record.paraphrases), "keys": int(keys[record.id].shape[0])})
@@ -107,6 +92,34 @@ def write(directory: str, config: RegistryConfig, records: list[Record], keys: d
     _replace(root / KEYS_NAME, lambda p: safetensors.torch.save_file(key_tensors, str(p)))
     _replace(root / INDEX_NAME, lambda p: p.write_text(json.dumps(index, indent=2) + "\n"))
     return rows
+
+
+def write_adapter(directory: str | Path, config: RegistryConfig, record: Record, adapter: dict[str, torch.Tensor],
+                  base_model: str) -> str:
+    """One edit's adapter directory (kept when already there, whole, with these settings); the index is not
+    touched. Returns its name. The directory appears whole or not at all (written under a temporary name, then
+    renamed), so an engine loading it meanwhile never sees half of it."""
+    root = _directory(directory)
+    settings = json.dumps(adapter_config(config, base_model), indent=2) + "\n"
+    name = adapter_name(record)
+    target = root / name
+    if not _holds(target, settings):
+        tmp = root / f".{name}.tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        (tmp / CONFIG_NAME).write_text(settings)
+        safetensors.torch.save_file(peft_tensors(config, adapter), str(tmp / WEIGHTS_NAME))
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    return name
+
+
+def _directory(directory: str | Path) -> Path:
+    root = Path(directory)
+    if root.exists() and not root.is_dir():
+        raise FileExistsError(f"{root} is a file, not a directory")
+    root.mkdir(parents=True, exist_ok=True)
+    return root
 
 
 def _holds(target: Path, settings: str) -> bool:

@@ -427,6 +427,15 @@ class EditRegistry:
         records, keys, adapters = self._contents(status)
         return peft_format.write(os.fspath(directory), self._config, records, keys, adapters, base_model)
 
+    def export_peft_adapter(self, directory: str | os.PathLike, edit_id: int, base_model: str) -> str:
+        """Write one edit's PEFT adapter directory (as `export_peft` does, leaving its index alone) and return its
+        name: what a router in front of a serving engine writes before the first request that names it."""
+        from . import peft_format
+
+        record = self.get(edit_id)
+        adapter = self.adapters([record.id])[record.id]
+        return peft_format.write_adapter(os.fspath(directory), self._config, record, adapter, base_model)
+
     def _contents(self, status: str | None) -> tuple[list[Record], dict[int, np.ndarray], dict[int, dict]]:
         records = list(self.records(status))
         keys: dict[int, np.ndarray] = {}

@@ -3,7 +3,8 @@
 Every generation request waiting when the model frees up joins the next batch (up to `max_rows` rows), and so
 does every one arriving within `gather_s` (10 ms: clients that got their replies together come back together, and
 a lone first arrival would otherwise hold the rest back for a whole batch). The batch is decoded in one set of
-forwards, each row with its own routed edit and sampling (decode.py). Admin work (edit, rollback, restore) runs
+forwards, each row with its own routed edit (or, under `sola serve --by-name`, the edit its request named) and
+sampling (decode.py). Admin work (edit, rollback, restore) runs
 alone between batches, in arrival order, so a batch never sees a registry change half-way: an edit is in effect
 from the next batch on. Edits made by other processes are picked up by the router on each prompt pass.
 """
@@ -13,6 +14,7 @@ import logging
 import threading
 import time
 from collections import deque
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -31,6 +33,7 @@ class Generation:
     prompts: list[list[int]]
     sampling: list[Sampling]
     emit: Emit
+    edits: list[int | None] | None = None  # per row, the edit named by the request (None: base); None: route
     cancelled: bool = False  # the client went away: stop spending forwards on it
 
 
@@ -130,9 +133,14 @@ class Batcher:
             job, i = owner[ev.row]
             job.emit(("text", i, ev.text, ev.finish, ev.tokens))
 
+        named = [job.edits is not None for job in jobs]  # a server names every request's edit or none (--by-name)
+        pinned = self.editor.router.pinned([job.edits[i] for job, i in owner]) if all(named) else nullcontext()
         try:
-            decode(self.editor.model, self.editor.tokenizer, prompts, sampling, self.end_tokens, emit,
-                   on_prompt_pass=started, cancelled=lambda row: owner[row][0].cancelled)
+            if any(named) and not all(named):
+                raise ValueError("a batch mixes requests that name their edit with requests routed by their text")
+            with pinned:
+                decode(self.editor.model, self.editor.tokenizer, prompts, sampling, self.end_tokens, emit,
+                       on_prompt_pass=started, cancelled=lambda row: owner[row][0].cancelled)
         except Exception as e:  # a bug or the device failing: every request of the batch gets the error
             log.exception("batch of %d rows failed", len(owner))
             for job in jobs:

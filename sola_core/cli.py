@@ -452,21 +452,58 @@ def import_(ctx, file, as_json):
 @click.option("--max-batch", type=click.IntRange(min=1), default=16, show_default=True,
               help="Most rows (requests x n) decoded together in one batch.")
 @click.option("--admin-token", envvar="SOLA_ADMIN_TOKEN", default=None,
-              help="Turn on the /admin endpoints (edit, rollback, restore), behind this bearer token "
+              help="Enable the /admin/edits endpoints, callable with 'Authorization: Bearer <token>' "
                    "[env SOLA_ADMIN_TOKEN]. Off by default.")
+@click.option("--by-name", is_flag=True,
+              help="Route nothing: a request names its edit by adapter name (edit-<id>-<sha12>, as vLLM is asked "
+                   "for a LoRA) or the base model by --served-model-name. What --upstream forwards to.")
+@click.option("--upstream", "upstreams", multiple=True, metavar="URL",
+              help="Router mode (repeatable): run no language model; route each request by its text and forward "
+                   "it to one of these engines (vLLM, or sola serve --by-name) naming the edit's adapter.")
+@click.option("--adapter-dir", type=FilePath(file_okay=False), default=None,
+              help="With --upstream: write each routed edit's PEFT adapter here before forwarding (the directory "
+                   "vLLM's filesystem LoRA resolver reads).")
+@click.option("--base-model", default=None,
+              help="With --adapter-dir: the base model as the engines know it, written into each adapter's "
+                   "config (vLLM: its --model). Default: --model's directory.")
 @click.pass_context
-def serve(ctx, host, port, served_model_name, max_batch, admin_token):
+def serve(ctx, host, port, served_model_name, max_batch, admin_token, by_name, upstreams, adapter_dir, base_model):
     """Serve the edited model over an OpenAI-compatible HTTP API (needs the `serve` extra)."""
     try:
         from .server import Server, serve as run_server
     except ImportError as e:
         raise click.ClickException(f"sola serve needs the serve extra: pip install 'sola-edit-registry[serve]' ({e})")
-    editor = open_editor(ctx, readonly=not admin_token)  # without admin endpoints serving never writes
     name = served_model_name or Path(ctx.obj["model"]).name
-    server = Server(editor, name, max_rows=max_batch, admin_token=admin_token)
+    if upstreams:
+        if by_name or admin_token:
+            raise click.UsageError("--upstream runs no model: it takes neither --by-name nor --admin-token "
+                                   "(edit with `sola edit` on the same registry; the router sees it at once)")
+        return serve_router(ctx, host, port, name, list(upstreams), adapter_dir, base_model)
+    if adapter_dir or base_model:
+        raise click.UsageError("--adapter-dir and --base-model go with --upstream")
+    editor = open_editor(ctx, readonly=not admin_token)  # without admin endpoints serving never writes
+    server = Server(editor, name, max_rows=max_batch, admin_token=admin_token, by_name=by_name)
     click.echo(f"serving {name} with {editor.registry.count('active')} active edits on http://{host}:{port} "
-               f"(admin endpoints {'on' if admin_token else 'off'})", err=True)
+               f"(admin endpoints {'on' if admin_token else 'off'}{', edits by adapter name' if by_name else ''})",
+               err=True)
     run_server(server, host, port)
+
+
+def serve_router(ctx, host: str, port: int, name: str, upstreams: list[str], adapter_dir: str | None,
+                 base_model: str | None) -> None:
+    from .keys import EncoderKey
+    from .models import load_tokenizer, model_path
+    from .proxy import Proxy, TextRouter, Upstreams, serve_proxy
+
+    engines = Upstreams(upstreams)
+    registry = open_registry(ctx, readonly=True)
+    tokenizer = load_tokenizer(ctx.obj["model"])
+    base_model = base_model or str(model_path(ctx.obj["model"]))
+    router = TextRouter(registry, tokenizer, EncoderKey(tokenizer), adapter_dir, base_model)
+    proxy = Proxy(router, engines, name)
+    click.echo(f"routing {name} with {registry.count('active')} active edits on http://{host}:{port} to "
+               f"{', '.join(upstreams)}" + (f" (adapters in {adapter_dir})" if adapter_dir else ""), err=True)
+    serve_proxy(proxy, host, port)
 
 
 @cli.command()

@@ -49,7 +49,7 @@ def smollm2_dir() -> Path:
 
 def load_model(name_or_path: str | None = None, device: str = "cpu"):
     """(model, tokenizer) in eval mode, tokenizer padding on the left (generation appends on the right)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     try:
         device = torch.device(device)
@@ -57,18 +57,37 @@ def load_model(name_or_path: str | None = None, device: str = "cpu"):
         raise ModelLoadError(f"unknown device {str(device)!r}: {e}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(f"no CUDA device here for --device {device}")
-    name = name_or_path or DEFAULT_MODEL
-    path = smollm2_dir() if name == DEFAULT_MODEL else Path(name)
-    if not path.is_dir():
-        raise ModelLoadError(f"no model directory at {name} (give a local transformers model dir or '{DEFAULT_MODEL}')")
+    path = model_path(name_or_path)
+    tokenizer = load_tokenizer(name_or_path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)  # never pickle
         model = model.to(device=device, dtype=torch.float32).eval()  # (the keyword for a dtype differs by release)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load a causal LM from {path}: {e}") from e
-    prepare_tokenizer(tokenizer)
     return model, tokenizer
+
+
+def load_tokenizer(name_or_path: str | None = None):
+    """The model's tokenizer alone, prepared as `load_model` prepares it: what a router that runs no language
+    model needs (its chat template, and the text a key reads)."""
+    from transformers import AutoTokenizer
+
+    path = model_path(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load a tokenizer from {path}: {e}") from e
+    prepare_tokenizer(tokenizer)
+    return tokenizer
+
+
+def model_path(name_or_path: str | None) -> Path:
+    """The local directory of a model name (the embedded default) or path."""
+    name = name_or_path or DEFAULT_MODEL
+    path = smollm2_dir() if name == DEFAULT_MODEL else Path(name)
+    if not path.is_dir():
+        raise ModelLoadError(f"no model directory at {name} (give a local transformers model dir or '{DEFAULT_MODEL}')")
+    return path
 
 
 def prepare_tokenizer(tokenizer) -> None:

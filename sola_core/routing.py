@@ -30,6 +30,20 @@ log = logging.getLogger(__name__)
 Adapter = list[tuple[torch.Tensor, torch.Tensor]]  # (A, B) per edited layer
 
 
+def nearest_edits(registry: EditRegistry, queries: torch.Tensor) -> torch.Tensor:
+    """(B,) edit id per row of (B, S, d) queries, -1 for none: per query, the nearest active key within the
+    threshold unless a tombstone is nearer (`registry.match`); per row, the nearest of its queries' edits. The
+    in-layer router and the router in front of other engines (proxy.py) both decide this way."""
+    rows, per_row, dim = queries.shape
+    dists, ids = registry.match(queries.reshape(rows * per_row, dim), distances=True)
+    ids = ids.view(rows, per_row)
+    if per_row > 1:
+        dists = dists.view(rows, per_row)
+        best = torch.where(ids >= 0, dists, torch.full_like(dists, float("inf"))).argmin(1, keepdim=True)
+        ids = ids.gather(1, best)
+    return ids[:, 0]
+
+
 @dataclass
 class RoutingState:
     """Per-batch decision shared by all edited layers of one model (not a module: holds no parameters)."""
@@ -173,6 +187,7 @@ class Router:
         self.state = RoutingState(adapters=cache.tensors, scaling=cfg.alpha / cfg.rank)
         self._capture = False
         self._captured: torch.Tensor | None = None
+        self._pins: torch.Tensor | None = None  # (B,) edits given by name instead of routed (`pinned`)
         registry.on_change(self._on_change)
         self._passes = PromptPasses(model, self._on_prompt)
 
@@ -184,11 +199,17 @@ class Router:
         if self.state.forced is not None:
             return
         self.registry.refresh()  # edits made by other processes since the last prompt
-        self.state.pending(prompt.last_positions().to(self.device), self.keys.from_tokens(prompt.input_ids, prompt.mask))
+        queries = None if self._pins is not None else self.keys.from_tokens(prompt.input_ids, prompt.mask)
+        self.state.pending(prompt.last_positions().to(self.device), queries)
 
     def decide(self, x: torch.Tensor) -> None:
         """The first edited layer's call on a prompt pass, with its input x (B, T, in)."""
         s = self.state
+        if self._pins is not None:
+            if len(self._pins) != x.shape[0]:
+                raise ValueError(f"{len(self._pins)} pinned edits for a batch of {x.shape[0]} rows")
+            s.routed(*self._applied(self._pins.to(x.device), x.device))
+            return
         query = self.keys.query(x, s.positions, s.precomputed).detach().float()  # (B, d) or (B, S, d)
         query = query[:, None] if query.dim() == 2 else query
         if self._capture:
@@ -197,18 +218,11 @@ class Router:
         s.routed(*self._resolve(query, x.device))
 
     def _resolve(self, queries: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(edit id per row or -1, routed rows, their cache slots) for (B, S, d) queries: per query, the nearest
-        active key within the threshold, unless a tombstone is nearer; per row, the nearest of its queries'
-        edits. An edit whose key or adapter fails its check is never applied."""
-        rows, per_row, dim = queries.shape
-        flat = queries.reshape(rows * per_row, dim)
-        dists, ids = self.registry.match(flat, distances=True)
-        ids = ids.to(device).view(rows, per_row)
-        if per_row > 1:
-            dists = dists.to(device).view(rows, per_row)
-            best = torch.where(ids >= 0, dists, torch.full_like(dists, float("inf"))).argmin(1, keepdim=True)
-            ids = ids.gather(1, best)
-        ids = ids[:, 0]  # (B,)
+        """(edit id per row or -1, routed rows, their cache slots) for (B, S, d) queries. An edit whose key or
+        adapter fails its check is never applied."""
+        return self._applied(nearest_edits(self.registry, queries).to(device), device)
+
+    def _applied(self, ids: torch.Tensor, device):
         try:
             return self._with_slots(ids, device)
         except CorruptEdit:
@@ -233,6 +247,17 @@ class Router:
             self.cache.evict(edit_id)
 
     # -- outside a forward -----------------------------------------------------------------------
+    @contextmanager
+    def pinned(self, edit_ids: list[int | None]) -> Iterator[None]:
+        """Forwards inside get these edits per row (None: the base model) instead of the ones their text routes
+        to: how a server that serves each edit under its adapter's name (`sola serve --by-name`) runs them.
+        An edit that fails its integrity check still serves the base output."""
+        self._pins = torch.tensor([-1 if i is None else i for i in edit_ids], dtype=torch.long)
+        try:
+            yield
+        finally:
+            self._pins = None
+
     def queries(self, enc: dict) -> torch.Tensor:
         """(B, S, d) routing queries of a tokenized batch; [:, 0] is each prompt's key. A key source that reads the
         prompt text (the encoder) needs no language model; the layer key runs the model up to the first edited

@@ -5,6 +5,10 @@ only when an admin token was given at start, /admin/edits (edit, rollback, resto
 tokenized here, on the event loop; the model runs on one worker thread that batches whatever is waiting
 (batching.py). Which edit served each choice is in its `sola_edit` field and in the `X-Sola-Edit` header
 (comma-separated per choice, `none` for the base model); OpenAI clients keep unknown fields, so neither breaks them.
+
+With `by_name` (`sola serve --by-name`) the server routes nothing: a request names its edit as vLLM is asked for
+a LoRA adapter, by the edit's immutable adapter name (`edit-<id>-<12 hex>`, registry/peft_format.py), or the base
+model by its name. It is what `sola serve --upstream` (proxy.py) forwards to when the engines are our own.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import copy
 import hmac
 import json
 import logging
+import re
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -26,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from registry.errors import EditNotFound, RegistryError
+from registry.peft_format import adapter_name
 
 from .batching import Admin, Batcher, Generation
 from .chat import render
@@ -37,6 +43,7 @@ log = logging.getLogger(__name__)
 
 MAX_CHOICES = 16  # n x prompts per request; the batch limit bounds what runs at once anyway
 CHAT_MAX_TOKENS = 512  # a chat reply's length when the request names none (a reply that never ends holds its batch)
+ADAPTER_NAME = re.compile(r"edit-([0-9]+)-([0-9a-f]{12})")
 
 
 class APIError(Exception):
@@ -138,8 +145,9 @@ class Server:
     """The app's state: the editor behind the batcher, and a tokenizer of its own for checking requests (the
     worker thread uses the editor's; a fast tokenizer must not be used from two threads at once)."""
 
-    def __init__(self, editor, model_name: str, max_rows: int = 16, admin_token: str | None = None) -> None:
-        self.editor, self.model_name, self.admin_token = editor, model_name, admin_token
+    def __init__(self, editor, model_name: str, max_rows: int = 16, admin_token: str | None = None,
+                 by_name: bool = False) -> None:
+        self.editor, self.model_name, self.admin_token, self.by_name = editor, model_name, admin_token, by_name
         self.tokenizer = copy.deepcopy(editor.tokenizer)
         self.context = context_length(editor.model)
         ends = editor.model.generation_config.eos_token_id if editor.model.generation_config else None
@@ -148,14 +156,25 @@ class Server:
         self.started = int(time.time())
 
     # -- turning a request into rows -------------------------------------------------------------
-    def check_model(self, name: str) -> None:
-        if name != self.model_name:
-            raise APIError(404, f"the model {name!r} does not exist; this server serves {self.model_name!r}",
-                           "model", "model_not_found")
+    def named_edit(self, name: str) -> int | None:
+        """The edit a request's `model` names under `by_name` (None: the base model's name)."""
+        if name == self.model_name:
+            return None
+        if self.by_name and (match := ADAPTER_NAME.fullmatch(name)):
+            try:
+                record = self.editor.registry.get(int(match[1]))
+            except EditNotFound:
+                record = None
+            if record is not None and adapter_name(record) == name:  # the same id retrained has another name
+                return record.id
+        also = " and its edits' adapters (GET /v1/models lists them)" if self.by_name else ""
+        raise APIError(404, f"the model {name!r} does not exist; this server serves {self.model_name!r}{also}",
+                       "model", "model_not_found")
 
     def rows(self, req: Decoding, prompts: list[str], max_tokens: int | None, default_tokens: int):
-        """(token ids per row, Sampling per row, prompt tokens): each prompt n times."""
-        self.check_model(req.model)
+        """(token ids per row, Sampling per row, prompt tokens, the edit per row when the request names one (under
+        `by_name`) else None): each prompt n times."""
+        edit = self.named_edit(req.model)
         refused(req)
         stops = stop_strings(req.stop)
         ids = [self.tokenizer(p)["input_ids"] for p in prompts]
@@ -176,7 +195,7 @@ class Server:
                              None if req.seed is None else req.seed + j, req.ignore_eos)
                     for _ in prompts for j in range(req.n)]
         rows = [i for i in ids for _ in range(req.n)]
-        return rows, sampling, sum(len(i) for i in ids)
+        return rows, sampling, sum(len(i) for i in ids), [edit] * len(rows) if self.by_name else None
 
     def chat_text(self, messages: list[Message]) -> str:
         if not getattr(self.tokenizer, "chat_template", None):
@@ -188,11 +207,11 @@ class Server:
             raise APIError(400, f"the model's chat template cannot render these messages: {e}", "messages") from None
 
     # -- running on the worker -------------------------------------------------------------------
-    async def events(self, rows, sampling) -> tuple[list, asyncio.Queue, Generation]:
+    async def events(self, rows, sampling, edits) -> tuple[list, asyncio.Queue, Generation]:
         """Queue a generation; returns (edit per row, the event queue, the job) once its prompt pass has run."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        job = Generation(rows, sampling, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
+        job = Generation(rows, sampling, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev), edits)
         self.batcher.submit(job)
         try:
             first = await queue.get()
@@ -267,33 +286,35 @@ def create_app(server: Server) -> FastAPI:
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": server.model_name, "object": "model", "created": server.started,
-                                            "owned_by": "sola"}]}
+        names = [server.model_name]
+        if server.by_name:
+            names += [adapter_name(r) for r in server.editor.registry.records("active")]
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": server.started,
+                                            "owned_by": "sola"} for name in names]}
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if not prompts or not all(p for p in prompts):
             raise APIError(400, "prompt must be a non-empty string or list of non-empty strings", "prompt")
-        rows, sampling, used = server.rows(req, prompts, req.max_tokens, 16)
-        return await respond(server, req, rows, sampling, used, chat=False)
+        return await respond(server, req, *server.rows(req, prompts, req.max_tokens, 16), chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest):
         text = server.chat_text(req.messages)
-        rows, sampling, used = server.rows(req, [text], req.max_completion_tokens or req.max_tokens, CHAT_MAX_TOKENS)
-        return await respond(server, req, rows, sampling, used, chat=True)
+        rows = server.rows(req, [text], req.max_completion_tokens or req.max_tokens, CHAT_MAX_TOKENS)
+        return await respond(server, req, *rows, chat=True)
 
     if server.admin_token:
         add_admin_routes(app, server)
     return app
 
 
-async def respond(server: Server, req: Decoding, rows, sampling, used: int, chat: bool):
+async def respond(server: Server, req: Decoding, rows, sampling, used: int, named: list | None, chat: bool):
     created, rid = int(time.time()), ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-    edits, queue, job = await server.events(rows, sampling)
+    edits, queue, job = await server.events(rows, sampling, named)
     base = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
-            "model": server.model_name}
+            "model": req.model}
     if req.stream:
         include_usage = bool((req.stream_options or {}).get("include_usage"))
         return StreamingResponse(stream(base, edits, queue, job, used, chat, include_usage),

@@ -4,17 +4,14 @@ from __future__ import annotations
 import copy
 import json
 import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 from click.testing import CliRunner
 
 from sola_core.cli import cli
+from sola_core.launch import Launched, free_port
 from tests.conftest import make_model
 from tests.sola_core.test_chat import CHATML
 
@@ -55,42 +52,15 @@ def served_registry(tmp_path_factory, chat_model_dir) -> dict:
     return {"path": path, "model": chat_model_dir, "france": france, "japan": japan}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Served:
-    """`python -m sola_core ... serve` as a subprocess; stopped (and its log kept for failures) by `stop`."""
+class Served(Launched):
+    """`python -m sola_core ... serve` as a subprocess on a free port; `stop()` ends it."""
 
     def __init__(self, registry: str, model: str, log: Path, *extra: str) -> None:
-        self.port, self.log_path = free_port(), log
-        self.url = f"http://127.0.0.1:{self.port}"
+        port = free_port()
         env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
         argv = [sys.executable, "-m", "sola_core", "--registry", registry, "--model", model, "serve",
-                "--port", str(self.port), "--served-model-name", "tiny", *extra]
-        self.log = open(log, "w")
-        self.process = subprocess.Popen(argv, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"sola serve exited with {self.process.returncode}:\n{log.read_text()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.2)
-        self.stop()
-        raise AssertionError(f"sola serve did not answer /health in 120 s:\n{log.read_text()}")
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-        self.log.close()
+                "--port", str(port), "--served-model-name", "tiny", *extra]
+        super().__init__(argv, port, log, env=env)
 
 
 @pytest.fixture(scope="module")
