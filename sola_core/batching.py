@@ -133,12 +133,11 @@ class Batcher:
             job, i = owner[ev.row]
             job.emit(("text", i, ev.text, ev.finish, ev.tokens))
 
-        named = [job.edits is not None for job in jobs]  # a server names every request's edit or none (--by-name)
-        pinned = self.editor.router.pinned([job.edits[i] for job, i in owner]) if all(named) else nullcontext()
+        named = {job.edits is not None for job in jobs}  # a server names every request's edit or none (--by-name)
         try:
-            if any(named) and not all(named):
+            if len(named) > 1:
                 raise ValueError("a batch mixes requests that name their edit with requests routed by their text")
-            with pinned:
+            with self.editor.router.pinned([job.edits[i] for job, i in owner]) if True in named else nullcontext():
                 decode(self.editor.model, self.editor.tokenizer, prompts, sampling, self.end_tokens, emit,
                        on_prompt_pass=started, cancelled=lambda row: owner[row][0].cancelled)
         except Exception as e:  # a bug or the device failing: every request of the batch gets the error

@@ -452,7 +452,7 @@ def import_(ctx, file, as_json):
 @click.option("--max-batch", type=click.IntRange(min=1), default=16, show_default=True,
               help="Most rows (requests x n) decoded together in one batch.")
 @click.option("--admin-token", envvar="SOLA_ADMIN_TOKEN", default=None,
-              help="Enable the /admin/edits endpoints, callable with 'Authorization: Bearer <token>' "
+              help="Turn on the /admin endpoints (edit, rollback, restore), behind this bearer token "
                    "[env SOLA_ADMIN_TOKEN]. Off by default.")
 @click.option("--by-name", is_flag=True,
               help="Route nothing: a request names its edit by adapter name (edit-<id>-<sha12>, as vLLM is asked "

@@ -24,20 +24,18 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
-
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
+from pydantic import ValidationError as PydanticError
 
 from registry import EditRegistry, ValidationError
 from registry.errors import CorruptEdit
 from registry.peft_format import adapter_name
 
-from .chat import render
 from .keys import EncoderKey
 from .routing import nearest_edits
-from .server import APIError
+from .server import APIError, Message, add_error_handlers, chat_text
 
 log = logging.getLogger(__name__)
 
@@ -173,26 +171,16 @@ def request_text(path: str, body: dict, tokenizer) -> str:
         if not isinstance(messages, list) or not messages:
             raise APIError(400, "messages must be a non-empty list", "messages")
         try:
-            conversation = [{"role": m["role"], "content": message_text(m["content"])} for m in messages]
-            return render(tokenizer, conversation)
-        except APIError:
-            raise
-        except Exception as e:  # a malformed message, or roles the template refuses
-            raise APIError(400, f"the model's chat template cannot render these messages: {e}", "messages") from None
+            parsed = [Message.model_validate(m) for m in messages]
+        except PydanticError as e:
+            raise APIError(400, f"messages: {e.errors()[0].get('msg', 'invalid value')}", "messages") from None
+        return chat_text(tokenizer, parsed)
     prompt = body.get("prompt")
     prompts = [prompt] if isinstance(prompt, str) else prompt
     if not isinstance(prompts, list) or len(prompts) != 1 or not isinstance(prompts[0], str) or not prompts[0]:
         raise APIError(400, "prompt must be one non-empty string (send one request per prompt: each may route to "
                             "another edit)", "prompt")
     return prompts[0]
-
-
-def message_text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-        return "".join(str(p.get("text", "")) for p in content)
-    raise APIError(400, "only text content parts are supported", "messages")
 
 
 def create_proxy_app(proxy: Proxy) -> FastAPI:
@@ -206,15 +194,7 @@ def create_proxy_app(proxy: Proxy) -> FastAPI:
             proxy._worker.shutdown(wait=False)
 
     app = FastAPI(title="sola serve --upstream", docs_url=None, redoc_url=None, lifespan=lifespan)
-
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, e: APIError):
-        return e.response()
-
-    @app.exception_handler(Exception)
-    async def bug(request: Request, e: Exception):
-        log.exception("unhandled error on %s", request.url.path)
-        return APIError(500, "internal server error", kind="server_error").response()
+    add_error_handlers(app)
 
     @app.get("/health")
     async def health():

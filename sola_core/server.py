@@ -197,15 +197,6 @@ class Server:
         rows = [i for i in ids for _ in range(req.n)]
         return rows, sampling, sum(len(i) for i in ids), [edit] * len(rows) if self.by_name else None
 
-    def chat_text(self, messages: list[Message]) -> str:
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise APIError(400, "this model has no chat template; use /v1/completions", "messages")
-        conversation = [{"role": m.role, "content": m.text()} for m in messages]
-        try:
-            return render(self.tokenizer, conversation)
-        except Exception as e:  # the template refused the conversation (e.g. roles out of order)
-            raise APIError(400, f"the model's chat template cannot render these messages: {e}", "messages") from None
-
     # -- running on the worker -------------------------------------------------------------------
     async def events(self, rows, sampling, edits) -> tuple[list, asyncio.Queue, Generation]:
         """Queue a generation; returns (edit per row, the event queue, the job) once its prompt pass has run."""
@@ -236,6 +227,18 @@ class Server:
         return value
 
 
+def chat_text(tokenizer, messages: list[Message]) -> str:
+    """The conversation rendered with the model's chat template: the prompt a chat request decodes from (and, in
+    router mode, the text it is routed by)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise APIError(400, "this model has no chat template; use /v1/completions", "messages")
+    conversation = [{"role": m.role, "content": m.text()} for m in messages]
+    try:
+        return render(tokenizer, conversation)
+    except Exception as e:  # the template refused the conversation (e.g. roles out of order)
+        raise APIError(400, f"the model's chat template cannot render these messages: {e}", "messages") from None
+
+
 def edit_header(edits: list) -> dict:
     return {"X-Sola-Edit": ",".join("none" if e is None else str(e) for e in edits)}
 
@@ -244,16 +247,8 @@ def sse(data: Any) -> str:
     return f"data: {json.dumps(data)}\n\n"
 
 
-def create_app(server: Server) -> FastAPI:
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        server.batcher.start()
-        try:
-            yield
-        finally:
-            server.batcher.close()
-
-    app = FastAPI(title="sola serve", docs_url=None, redoc_url=None, lifespan=lifespan)
+def add_error_handlers(app: FastAPI) -> None:
+    """OpenAI-style JSON errors for everything that goes wrong, a bug included (its traceback goes to the log)."""
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
@@ -278,6 +273,19 @@ def create_app(server: Server) -> FastAPI:
         log.exception("unhandled error on %s", request.url.path)
         return APIError(500, "internal server error", kind="server_error").response()
 
+
+def create_app(server: Server) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        server.batcher.start()
+        try:
+            yield
+        finally:
+            server.batcher.close()
+
+    app = FastAPI(title="sola serve", docs_url=None, redoc_url=None, lifespan=lifespan)
+    add_error_handlers(app)
+
     @app.get("/health")
     async def health():
         s = server.batcher.stats
@@ -301,7 +309,7 @@ def create_app(server: Server) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest):
-        text = server.chat_text(req.messages)
+        text = chat_text(server.tokenizer, req.messages)
         rows = server.rows(req, [text], req.max_completion_tokens or req.max_tokens, CHAT_MAX_TOKENS)
         return await respond(server, req, *rows, chat=True)
 
