@@ -100,11 +100,12 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON i
 
 
 def training_options(command):
-    """What each new edit's adapter is trained on and when training stops: five options, one `train`
+    """What each new edit's adapter is trained on and when training stops: six options, one `train`
     (TrainConfig) argument; shared by edit and eval."""
     @functools.wraps(command)
-    def with_train(*args, lr, max_steps, margin, chat_form, end_token, **kwargs):
-        train = TrainConfig(lr=lr, max_steps=max_steps, margin=margin, chat_form=chat_form, end_token=end_token)
+    def with_train(*args, lr, max_steps, margin, chat_form, qa_form, end_token, **kwargs):
+        train = TrainConfig(lr=lr, max_steps=max_steps, margin=margin, chat_form=chat_form, qa_form=qa_form,
+                            end_token=end_token)
         return command(*args, train=train, **kwargs)
 
     options = [
@@ -114,6 +115,8 @@ def training_options(command):
                      help="Stop once every target token leads the runner-up logit by this much."),
         click.option("--chat-form/--no-chat-form", default=TrainConfig.chat_form, show_default=True,
                      help="Also train each edit as a chat exchange in the model's own template."),
+        click.option("--qa-form/--no-qa-form", default=TrainConfig.qa_form, show_default=True,
+                     help="Also train a question as 'Question: ...\\nAnswer: target'."),
         click.option("--end-token/--no-end-token", default=TrainConfig.end_token, show_default=True,
                      help="Train the target followed by the end-of-sequence token."),
     ]

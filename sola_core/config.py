@@ -18,7 +18,10 @@ KEY_SOURCES = ("encoder", "layer")  # where routing keys come from (keys.key_sou
 DEFAULT_THRESHOLDS = {"layer": 0.01, "encoder": 0.15}
 FORMS = ("completion", "question", "chat")  # how an edit's prompt is asked (SolaEditor.edit)
 ENCODER_DTYPES = ("auto", "float32", "bfloat16")  # compute dtype of the encoder key source
-STYLES = ("bare", "instruct", "chat")  # how the in-use harness puts each prompt (wild.py)
+STYLES = ("bare", "instruct", "chat")
+# How a question is framed as a QA exchange in training (TrainConfig.qa_form). Not the wording the in-use harness
+# asks with (wild.INSTRUCTIONS): an instruction the edit never saw is what users bring.
+QA_FRAME = "Question: {}\nAnswer:"  # how the in-use harness puts each prompt (wild.py)
 
 
 @dataclass
@@ -72,6 +75,9 @@ class TrainConfig:
     chat_form: bool = field(default=True, metadata={"help": "also train the edit as a chat exchange in the model's "
                                                             "own template (the prompt as the user's message, the "
                                                             "target as the reply), when the tokenizer has one"})
+    qa_form: bool = field(default=True, metadata={"help": "also train a question (a question edit, or a phrasing "
+                                                          "ending in '?') framed as QA_FRAME, so that the answer holds "
+                                                          "when it is asked after a QA instruction"})
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.max_steps < 1:

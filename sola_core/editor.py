@@ -17,7 +17,7 @@ from registry import AdapterCache, EditRegistry, Record
 from registry.errors import ValidationError
 
 from .chat import chat_prompt, chat_reply
-from .config import EditConfig, RuntimeConfig, TrainConfig
+from .config import QA_FRAME, EditConfig, RuntimeConfig, TrainConfig
 from .edits import check_edit, normal_edit
 from .fingerprint import check_model, registry_config
 from .generation import context_length, greedy, next_token_logits, tokenize_batch
@@ -150,7 +150,10 @@ class SolaEditor:
         """What one phrasing of an edit trains its adapter on: the text then the target (and the end-of-sequence
         token), and the same fact as a chat exchange in the model's template (the reply ends with its end-of-turn
         marker). A chat edit always trains its chat form, the others with `train.chat_form`; a chat edit trains
-        its bare form only with `train.chat_form` too. The primary form comes first and is always kept."""
+        its bare form only with `train.chat_form` too. With `train.qa_form` a question (a question edit, or a
+        phrasing ending in "?") also trains framed as QA_FRAME: after a QA instruction SmolLM2 tends to end its
+        reply at once, which an adapter trained on the bare and chat forms alone did not overcome. The primary
+        form comes first and is always kept."""
         tok, limit = self.tokenizer, context_length(self.model)
         answer = target.strip()
         target_ids = tok(target if form == "completion" else " " + answer, add_special_tokens=False)["input_ids"]
@@ -164,7 +167,11 @@ class SolaEditor:
             reply = chat_reply(tok, text, answer)
             if reply is not None:
                 chat = (tok(chat_prompt(tok, text))["input_ids"], tok(reply, add_special_tokens=False)["input_ids"])
-        forms = [chat, bare if train.chat_form else None] if form == "chat" else [bare, chat]
+        qa = None
+        if train.qa_form and form != "chat" and (form == "question" or text.rstrip().endswith("?")):
+            qa = (tok(QA_FRAME.format(text))["input_ids"],
+                  tok(" " + answer, add_special_tokens=False)["input_ids"] + end)
+        forms = [chat, bare if train.chat_form else None] if form == "chat" else [bare, chat, qa]
         examples = []
         for pair in filter(None, forms):
             ids = torch.tensor([pair[0] + pair[1]], device=self.device)

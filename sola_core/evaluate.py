@@ -22,7 +22,9 @@ PROBE_TOKENS = 5  # greedy tokens compared for locality and neighbourhood locali
 
 
 class Method(Protocol):
-    def edit(self, prompt: str, target: str) -> int: ...  # (methods that can: also edit_many(edits) -> ids)
+    # form: how the prompt is asked (SolaEditor.edit's; a method may train every form alike). Methods that can
+    # also have edit_many(edits) -> ids.
+    def edit(self, prompt: str, target: str, form: str = "completion") -> int: ...
     def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]: ...
     def logits(self, prompts: list[str]) -> torch.Tensor: ...
 
@@ -156,8 +158,8 @@ class SolaMethod:
     def __init__(self, editor, train) -> None:
         self.editor, self.train = editor, train
 
-    def edit(self, prompt: str, target: str, paraphrases: list[str] = ()) -> int:
-        return self.editor.edit(prompt, target, self.train, paraphrases=paraphrases)
+    def edit(self, prompt: str, target: str, form: str = "completion", paraphrases: list[str] = ()) -> int:
+        return self.editor.edit(prompt, target, self.train, form=form, paraphrases=paraphrases)
 
     def edit_many(self, edits: list[dict]) -> list[int]:
         return self.editor.edit_many(edits, self.train, batch_size=len(edits))

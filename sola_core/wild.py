@@ -96,7 +96,8 @@ def evaluate_in_use(method: Method, cases: list[Case], tokenizer, *, styles=STYL
     own = [(c.prompt, c.kind) for c in cases]
     before_logits = {s: [method.logits([p]) for p in put([own[i] for i in half], s)] for s in styles}
 
-    edits = [{"prompt": c.prompt, "target": " " + c.answer, **({"paraphrases": c.paraphrases} if paraphrases else {})}
+    edits = [{"prompt": c.prompt, "target": " " + c.answer, "form": "question" if c.kind == "question" else "completion",
+              **({"paraphrases": c.paraphrases} if paraphrases else {})}
              for c in cases]  # the baselines take no paraphrases
     ids, seconds = edit_all(method, edits, batch_size, progress=progress)
 

@@ -85,7 +85,7 @@ class Grace(Served):
         hook.remove()
         return captured["key"], captured["out"]
 
-    def edit(self, prompt: str, target: str) -> int:
+    def edit(self, prompt: str, target: str, form: str = "completion") -> int:  # every form trained alike
         key, output = self._key_and_output(prompt)
         d, i = self.layer.nearest(key)
         if i >= 0 and d <= self.eps_init + self.layer.radii[i]:

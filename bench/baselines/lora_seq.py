@@ -40,7 +40,7 @@ class SequentialLoRA(Served):
         self.train, self.count = train or TrainConfig(), 0
         self.trainable = rank * sum(linear_shape(base))
 
-    def edit(self, prompt: str, target: str) -> int:
+    def edit(self, prompt: str, target: str, form: str = "completion") -> int:  # every form trained alike
         ids, n = self.sequence(prompt, target)
         fit(self.model, [[(ids, n)]], [p for pair in self.params for p in pair], self.train)
         self.count += 1

@@ -206,3 +206,11 @@ def test_what_an_edit_trains_on_is_chosen_on_the_command_line(run, model_dir):
     bare = json.loads(run("edit", "--prompt", "Water boils at", "--target", " Rome", "--no-chat-form",
                           "--no-end-token", "--max-steps", "5", "--json").stdout)[0]
     assert both["info"]["examples"] == 2 and bare["info"]["examples"] == 1
+    # a question also trains framed as a QA exchange (bare, chat, QA), a question edit whatever its punctuation
+    asked = json.loads(run("edit", "--prompt", "Where does water boil?", "--target", " Rome", "--max-steps", "5",
+                           "--json").stdout)[0]
+    form = json.loads(run("edit", "--prompt", "Name the city where water boils", "--target", "Rome", "--form",
+                          "question", "--max-steps", "5", "--json").stdout)[0]
+    plain = json.loads(run("edit", "--prompt", "Where does ice melt?", "--target", " Rome", "--no-qa-form",
+                           "--max-steps", "5", "--json").stdout)[0]
+    assert (asked["info"]["examples"], form["info"]["examples"], plain["info"]["examples"]) == (3, 3, 2)
