@@ -25,7 +25,7 @@ def test_a_paraphrase_routes_to_its_edit_and_trains_it(tmp_path, llama, tokenize
         record = editor.registry.get(eid)
         assert record.supersedes == alone and record.paraphrases == [FAR]
         assert editor.registry.keys(eid).shape == (2, editor.registry.config.key_dim)
-        assert record.info["examples"] == 2  # one per phrasing (no chat template here)
+        assert record.info["examples"] == 3  # one per phrasing (no chat template here), and the question as QA
         assert editor.route([PROMPT, FAR]) == [eid, eid]
         assert editor.generate([FAR], max_new_tokens=3)[0].startswith(" Lyon")
         editor.rollback(eid)  # its predecessor comes back, without the paraphrase
