@@ -18,10 +18,10 @@ KEY_SOURCES = ("encoder", "layer")  # where routing keys come from (keys.key_sou
 DEFAULT_THRESHOLDS = {"layer": 0.01, "encoder": 0.15}
 FORMS = ("completion", "question", "chat")  # how an edit's prompt is asked (SolaEditor.edit)
 ENCODER_DTYPES = ("auto", "float32", "bfloat16")  # compute dtype of the encoder key source
-STYLES = ("bare", "instruct", "chat")
+STYLES = ("bare", "instruct", "chat")  # how the in-use harness puts each prompt (wild.py)
 # How a question is framed as a QA exchange in training (TrainConfig.qa_form). Not the wording the in-use harness
 # asks with (wild.INSTRUCTIONS): an instruction the edit never saw is what users bring.
-QA_FRAME = "Question: {}\nAnswer:"  # how the in-use harness puts each prompt (wild.py)
+QA_FRAME = "Question: {}\nAnswer:"
 
 
 @dataclass
