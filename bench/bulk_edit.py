@@ -5,6 +5,7 @@ editing of the same facts, with peak memory; then one end-to-end load of --edits
     python bench/bulk_edit.py --edits 200      # a shorter end-to-end load
     python bench/bulk_edit.py --edits 0 --sizes 1,16 --sweep 32   # a shorter sweep
     python bench/bulk_edit.py --quick          # seconds (a tiny random Llama)
+    python bench/bulk_edit.py --lr 0.04 --train-dtype bfloat16   # training levers other than the defaults
 
 Every configuration edits the same facts into a fresh registry in this one process; batch size 1 is one-by-one
 editing (`edit()` is `edit_many()` of one). Each batched edit must train the very adapter it trains alone, so
@@ -28,7 +29,9 @@ DEFAULT_BATCH = 16  # `sola edit --file`'s default
 
 args = parse_args(__doc__, edits=(int, 1000, "facts loaded end to end at the default batch size (0: skip)"),
                   sizes=(str, ",".join(map(str, SIZES)), "batch sizes of the sweep (comma-separated; 1 first)"),
-                  sweep=(int, SWEEP, "facts edited at every batch size"))
+                  sweep=(int, SWEEP, "facts edited at every batch size"),
+                  lr=(float, None, "Adam learning rate (default: the library's)"),
+                  train_dtype=(str, None, "float32 or bfloat16 (default: the library's)"))
 SIZES, SWEEP = [int(n) for n in args.sizes.split(",")], args.sweep
 if args.quick:
     SIZES, SWEEP, SINGLE, args.edits = [1, 4], 8, 2, min(args.edits, 8)
@@ -39,10 +42,12 @@ def main() -> None:
     from sola_core.facts import counterfacts
 
     model, tok = load_model_or_tiny(args.quick)
-    train = TrainConfig(lr=0.1, max_steps=20, margin=0.5) if args.quick else TrainConfig()
+    levers = {k: v for k, v in {"lr": args.lr, "dtype": args.train_dtype}.items() if v is not None}
+    train = TrainConfig(**{"lr": 0.1, "max_steps": 20, "margin": 0.5, **levers}) if args.quick else TrainConfig(**levers)
     facts = [{"prompt": f.prompt, "target": f.target} for f in counterfacts(max(SWEEP, SINGLE, args.edits), seed=0)]
-    result = {"machine": machine(), "load_avg_start": os.getloadavg(), "sweep_edits": SWEEP, "sweep": []}
-    print(f"load average {os.getloadavg()}", flush=True)
+    result = {"machine": machine(), "load_avg_start": os.getloadavg(), "sweep_edits": SWEEP, "sweep": [],
+              "lr": train.lr, "train_dtype": train.dtype}
+    print(f"load average {os.getloadavg()}; lr {train.lr}, train dtype {train.dtype}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         def editor(name: str) -> SolaEditor:
             return SolaEditor.open(Path(tmp) / name, model, tok, config=EditConfig())

@@ -27,7 +27,7 @@ from registry import EditRegistry
 from registry.errors import RegistryError, ValidationError
 from registry.types import METRICS, STATUSES, check_text
 
-from .config import DEFAULT_MODEL, FORMS, KEY_SOURCES, STYLES, EditConfig, RuntimeConfig, TrainConfig
+from .config import DEFAULT_MODEL, FORMS, KEY_SOURCES, STYLES, TRAIN_DTYPES, EditConfig, RuntimeConfig, TrainConfig
 from .errors import ModelLoadError
 
 # The library's own errors (ValidationError is a RegistryError) and the OS errors a user's paths cause.
@@ -100,12 +100,12 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON i
 
 
 def training_options(command):
-    """What each new edit's adapter is trained on and when training stops: six options, one `train`
+    """What each new edit's adapter is trained on, how, and when training stops: seven options, one `train`
     (TrainConfig) argument; shared by edit and eval."""
     @functools.wraps(command)
-    def with_train(*args, lr, max_steps, margin, chat_form, qa_form, end_token, **kwargs):
+    def with_train(*args, lr, max_steps, margin, chat_form, qa_form, end_token, train_dtype, **kwargs):
         train = TrainConfig(lr=lr, max_steps=max_steps, margin=margin, chat_form=chat_form, qa_form=qa_form,
-                            end_token=end_token)
+                            end_token=end_token, dtype=train_dtype)
         return command(*args, train=train, **kwargs)
 
     options = [
@@ -119,6 +119,8 @@ def training_options(command):
                      help="Also train a question as 'Question: ...\\nAnswer: target'."),
         click.option("--end-token/--no-end-token", default=TrainConfig.end_token, show_default=True,
                      help="Train the target followed by the end-of-sequence token."),
+        click.option("--train-dtype", type=click.Choice(TRAIN_DTYPES), default=TrainConfig.dtype, show_default=True,
+                     help="Compute dtype of training (bfloat16: autocast; the adapter stays float32)."),
     ]
     return functools.reduce(lambda f, option: option(f), options, with_train)
 

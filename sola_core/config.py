@@ -18,6 +18,7 @@ KEY_SOURCES = ("encoder", "layer")  # where routing keys come from (keys.key_sou
 DEFAULT_THRESHOLDS = {"layer": 0.01, "encoder": 0.15}
 FORMS = ("completion", "question", "chat")  # how an edit's prompt is asked (SolaEditor.edit)
 ENCODER_DTYPES = ("auto", "float32", "bfloat16")  # compute dtype of the encoder key source
+TRAIN_DTYPES = ("float32", "bfloat16")  # compute dtype of an edit's training forwards (TrainConfig.dtype)
 STYLES = ("bare", "instruct", "chat")  # how the in-use harness puts each prompt (wild.py)
 # How a question is framed as a QA exchange in training (TrainConfig.qa_form). Not the wording the in-use harness
 # asks with (wild.INSTRUCTIONS): an instruction the edit never saw is what users bring.
@@ -78,10 +79,15 @@ class TrainConfig:
     qa_form: bool = field(default=True, metadata={"help": "also train a question (a question edit, or a phrasing "
                                                           "ending in '?') framed as QA_FRAME, so that the answer holds "
                                                           "when it is asked after a QA instruction"})
+    dtype: str = field(default="float32", metadata={"help": "compute dtype of the training forwards: bfloat16 "
+                                                            "autocast is cheaper per step where the hardware has "
+                                                            "it; the adapter is kept and served in float32"})
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.max_steps < 1:
             raise ValidationError(f"need lr > 0 and max_steps >= 1, got lr={self.lr} max_steps={self.max_steps}")
+        if self.dtype not in TRAIN_DTYPES:
+            raise ValidationError(f"train dtype must be one of {', '.join(TRAIN_DTYPES)}, got {self.dtype!r}")
 
 
 @dataclass

@@ -152,6 +152,7 @@ def fit(model: nn.Module, groups: list[list[Example]], params: list[torch.Tensor
 
     Teacher-forced argmax equal to the target at every target position means greedy generation produces
     exactly the target, so a group stops as soon as that holds for each of its examples with `cfg.margin` to spare.
+    With `cfg.dtype` bfloat16 the forwards (and so the margins) are autocast; the parameters stay float32.
     """
     batch = _Batch(groups)
     where = {"rows": batch.rows, "positions": batch.positions}
@@ -165,7 +166,8 @@ def fit(model: nn.Module, groups: list[list[Example]], params: list[torch.Tensor
             if active != shown:  # the batch as it now is: the rows of the groups still training
                 chunks, targets, group = _chunks(batch, active)
                 shown = list(active)
-            logits = torch.cat([_forward(model, batch, chunk, where, take, select) for chunk in chunks])
+            with torch.autocast(batch.ids.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
+                logits = torch.cat([_forward(model, batch, chunk, where, take, select) for chunk in chunks])
             margins, losses = _losses(logits, targets, group, len(active))
             finished = [k for k, m in enumerate(margins) if m >= cfg.margin or steps >= cfg.max_steps]
             for k in finished:

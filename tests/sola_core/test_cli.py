@@ -214,3 +214,8 @@ def test_what_an_edit_trains_on_is_chosen_on_the_command_line(run, model_dir):
     plain = json.loads(run("edit", "--prompt", "Where does ice melt?", "--target", " Rome", "--no-qa-form",
                            "--max-steps", "5", "--json").stdout)[0]
     assert (asked["info"]["examples"], form["info"]["examples"], plain["info"]["examples"]) == (3, 3, 2)
+    # how it trains: bfloat16 autocast, or a clear error for a dtype it does not train in
+    half = json.loads(run(*EDIT, "--train-dtype", "bfloat16", "--json").stdout)[0]
+    assert (half["info"]["dtype"], both["info"]["dtype"]) == ("bfloat16", "float32")  # each record says how
+    refused = run(*EDIT, "--train-dtype", "float16", ok=False)
+    assert refused.exit_code == 2 and "'float16' is not one of 'float32', 'bfloat16'" in refused.output

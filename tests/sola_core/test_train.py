@@ -43,3 +43,22 @@ def test_block_of_names_the_block_or_none(llama):
     blocks, i = block_of(llama, "model.layers.1.mlp.down_proj")
     assert blocks is llama.model.layers and i == 1
     assert block_of(llama, "lm_head") is None and block_of(llama, "model.layers_x.1") is None
+
+
+def test_bfloat16_training_autocasts_the_forwards_and_keeps_a_float32_adapter(model, tokenizer):
+    state, shapes, frozen = patched(model)
+    batch = examples(tokenizer, [("The capital of France is", " Tokyo Rome")])
+    steps = TrainConfig(lr=0.1, max_steps=20, margin=100.0)  # always the full 20 steps
+    [(full, _)] = train_adapters(model, state, shapes, [batch], 4, 4.0, steps, frozen)
+    [(half, _)] = train_adapters(model, state, shapes, [batch], 4, 4.0, TrainConfig(**{**vars(steps), "dtype": "bfloat16"}),
+                                 frozen)
+    assert all(t.dtype == torch.float32 for t in half.values())
+    assert any(not torch.allclose(full[k], half[k], atol=1e-6) for k in full)  # the forwards really ran in bfloat16
+    [(_, info)] = train_adapters(model, state, shapes, [batch], 4, 4.0,
+                                 TrainConfig(lr=0.1, max_steps=40, margin=0.5, dtype="bfloat16"), frozen)
+    assert info["converged"] and not info["stopped_short"]
+
+
+def test_an_unknown_train_dtype_is_refused():
+    with pytest.raises(Exception, match="train dtype must be one of float32, bfloat16"):
+        TrainConfig(dtype="float16")
