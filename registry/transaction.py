@@ -21,7 +21,7 @@ import numpy as np
 from .codec import as_keys, decode_json, decode_keys, encode_adapter, encode_json, sha256
 from .errors import CorruptEdit, EditNotFound, InvalidTransition, ValidationError
 from .meta import get_meta, put_meta
-from .nearest import nearest_row, superseded
+from .nearest import near_earlier, nearest_row, superseded
 from .store import Txn
 from .types import ACTIVE, ROLLED_BACK, STATUSES, SUPERSEDED, Record, RegistryConfig, check_edit_text, is_tombstone
 
@@ -141,12 +141,14 @@ class Transaction:
         return True
 
     # --- conflicts -----------------------------------------------------------------------
-    def _conflict(self, keys: np.ndarray, hint: tuple[float, int] | None = None) -> int | None:
+    def _conflict(self, keys: np.ndarray, hint: tuple[float, int] | None = None, pending: bool = True) -> int | None:
         """The active edit a new or restored one with ``keys`` supersedes (nearest.superseded), counting this
-        transaction's changes; never one without the index (a write that checks no conflicts)."""
+        transaction's changes (``pending=False``: none of its keys lies near); never one without the index (a
+        write that checks no conflicts)."""
         if self.index is None:
             return None
-        return superseded(keys, self.config.supersede_distance, self.index, self._pending, self._final, hint)
+        return superseded(keys, self.config.supersede_distance, self.index, self._pending if pending else None,
+                          self._final, hint)
 
     def _supersede(self, old_id: int, new_id: int) -> None:
         old = self.record(old_id)
@@ -154,11 +156,11 @@ class Transaction:
         self._set_status(old, SUPERSEDED)
 
     # --- operations ----------------------------------------------------------------------
-    def insert(self, edit: NewEdit, hint: tuple[float, int] | None = None) -> int:
+    def insert(self, edit: NewEdit, hint: tuple[float, int] | None = None, pending: bool = True) -> int:
         """Write a new active edit; the nearest active edit within the supersede distance is superseded."""
         new_id = self._next_id
         self._next_id += 1
-        old_id = self._conflict(edit.keys, hint)
+        old_id = self._conflict(edit.keys, hint, pending)
         if old_id is not None:
             self._supersede(old_id, new_id)
         rec = Record(new_id, edit.prompt, edit.target, ACTIVE, self.time, self.time, old_id, None,
@@ -172,13 +174,17 @@ class Transaction:
         return new_id
 
     def insert_many(self, edits: list[NewEdit]) -> list[int]:
-        """Insert in order; the committed index is searched once for the whole batch."""
+        """Insert in order. The committed index is searched once for the whole batch, and the batch's keys once
+        among themselves: an edit searches the keys this transaction activated only if an earlier one lies near."""
         hints: list = [None] * len(edits)
+        near = set(range(len(edits)))
         if self.index is not None and edits:
             dists, ids = self.index.search(np.concatenate([edit.keys for edit in edits]), 1)
             ends = np.cumsum([len(edit.keys) for edit in edits]).tolist()
             hints = [nearest_row((dists[start:end], ids[start:end])) for start, end in zip([0] + ends, ends)]
-        return [self.insert(edit, hint) for edit, hint in zip(edits, hints)]
+            if not len(self._pending):  # nothing else activated in this transaction
+                near = near_earlier([edit.keys for edit in edits], self.config.supersede_distance, self.config.metric)
+        return [self.insert(edit, hint, i in near) for i, (edit, hint) in enumerate(zip(edits, hints))]
 
     def rollback(self, edit_id: int, keep_inactive: frozenset[int] = frozenset()) -> Record:
         """Take an edit out of service and keep its key as a tombstone; if it was active, its previous version

@@ -160,3 +160,23 @@ def test_faiss_gpu_matches_faiss_cpu():
     queries = torch.randn(16, DIM, device="cuda")
     _, found = gpu_index.search(queries, k=2)
     np.testing.assert_array_equal(found.cpu().numpy(), cpu_index.search(queries.cpu().numpy(), k=2)[1])
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_near_earlier_finds_exactly_the_sets_an_earlier_one_lies_near(metric):
+    """What a batch insert skips the pending search for must be what that search would have found beyond reach."""
+    from registry.nearest import near_earlier
+
+    rng = np.random.default_rng(0)
+    sets = [rng.standard_normal((1 + i % 3, 16)).astype(np.float32) for i in range(3000)]
+    sets[2999] = np.stack([rng.standard_normal(16), sets[5][1] + 1e-4]).astype(np.float32)  # far apart in the batch
+    sets[40] = sets[7][:1] * (1 if metric == "l2" else 3.0)  # cosine: the same direction, another length
+    within = 0.01 if metric == "cosine" else 0.05
+    found = near_earlier(sets, within, metric, rows=256)  # several blocks
+    index = KeyIndex(16, metric)
+    brute = set()
+    for i, keys in enumerate(sets):
+        if len(index) and index.search(keys, 1)[0].min() <= within:
+            brute.add(i)
+        index.add([i] * len(keys), keys)
+    assert found == brute == {40, 2999}
