@@ -69,12 +69,14 @@ def near_earlier(key_sets: list[np.ndarray], within: float, metric: str, rows: i
     One blocked matrix product over the whole batch, instead of one search per edit of the transaction's
     growing pending index (a 10k-edit import spent most of its time there).
     """
+    from .index import _normalise  # faiss: loaded anyway by the conflict search that calls this
+
     keys = np.concatenate(key_sets).astype(np.float32)
     owner = np.repeat(np.arange(len(key_sets)), [len(k) for k in key_sets])
-    squares = np.einsum("ij,ij->i", keys, keys)
     if metric == "cosine":
-        keys = keys / np.maximum(np.sqrt(squares), 1e-12)[:, None]
-        squares = np.ones_like(squares)
+        keys = _normalise(keys, in_place=True)  # the concatenation is our own copy
+    else:
+        squares = np.einsum("ij,ij->i", keys, keys)
     slack = 1e-4 + 1e-3 * within  # float32 dot products of unit keys err by ~1e-6
     near: set[int] = set()
     for start in range(0, len(keys), rows):

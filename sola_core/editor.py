@@ -139,7 +139,8 @@ class SolaEditor:
                                  block_of(self.model, cfg.layers[0].name))
         per_edit = np.split(keys, np.cumsum([len(e["phrasings"]) for e in edits])[:-1])  # each edit's key rows
         return [{"prompt": e["prompt"], "target": e["target"], "keys": k, "adapter": adapter,
-                 "info": {**info, "form": e["form"], "batch": len(edits), "dtype": train.dtype}, "paraphrases": e["phrasings"][1:]}
+                 "info": {**info, "form": e["form"], "batch": len(edits), "dtype": train.dtype},
+                 "paraphrases": e["phrasings"][1:]}
                 for e, k, (adapter, info) in zip(edits, per_edit, trained)]
 
     def _served(self, text: str, form: str) -> str:

@@ -1,4 +1,6 @@
 """Training one adapter: several examples in one batch, and the lower blocks replayed instead of recomputed."""
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -50,8 +52,7 @@ def test_bfloat16_training_autocasts_the_forwards_and_keeps_a_float32_adapter(mo
     batch = examples(tokenizer, [("The capital of France is", " Tokyo Rome")])
     steps = TrainConfig(lr=0.1, max_steps=20, margin=100.0)  # always the full 20 steps
     [(full, _)] = train_adapters(model, state, shapes, [batch], 4, 4.0, steps, frozen)
-    [(half, _)] = train_adapters(model, state, shapes, [batch], 4, 4.0, TrainConfig(**{**vars(steps), "dtype": "bfloat16"}),
-                                 frozen)
+    [(half, _)] = train_adapters(model, state, shapes, [batch], 4, 4.0, replace(steps, dtype="bfloat16"), frozen)
     assert all(t.dtype == torch.float32 for t in half.values())
     assert any(not torch.allclose(full[k], half[k], atol=1e-6) for k in full)  # the forwards really ran in bfloat16
     [(_, info)] = train_adapters(model, state, shapes, [batch], 4, 4.0,
