@@ -15,7 +15,8 @@ import functools
 import json
 import os
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from itertools import islice
@@ -201,6 +202,24 @@ def init(ctx, layers, rank, alpha, metric, threshold, key_source, as_json):
 
 
 @contextmanager
+def progress(length: int, label: str, hidden: bool = False) -> Iterator[Callable[[int], None]]:
+    """Click's bar on a terminal; anywhere else (a log, CI, a background run) a line each tenth of the way, since
+    Click's bar then shows only its label and an hour-long eval would look dead."""
+    if hidden or sys.stderr.isatty():
+        with click.progressbar(length=length, label=label, file=sys.stderr, hidden=hidden) as bar:
+            yield bar.update
+        return
+    done, step, start = 0, max(1, length // 10), time.monotonic()
+
+    def update(n: int) -> None:
+        nonlocal done
+        before, done = done, done + n
+        if done // step > before // step or (done == length and before < length):
+            click.echo(f"{label}: {done}/{length} ({time.monotonic() - start:.0f} s)", err=True)
+    yield update
+
+
+@contextmanager
 def where(place: str | None) -> Iterator[None]:
     """Name the place (`PATH line N`) in the ValidationError raised inside, if there is one to name."""
     try:
@@ -312,8 +331,8 @@ def edit(ctx, prompt, target, form, paraphrases, file_, batch_size, train, as_js
         if len(todo) < len(edits):
             click.echo(f"skipped {len(edits) - len(todo)} of {len(edits)} edits: the registry already holds their "
                        f"prompt and target", err=True)
-    with click.progressbar(length=len(todo), label="editing", file=sys.stderr, hidden=len(todo) < 2) as bar:
-        ids = editor.edit_many(todo, train, batch_size=batch_size, progress=bar.update)
+    with progress(len(todo), "editing", hidden=len(todo) < 2) as update:
+        ids = editor.edit_many(todo, train, batch_size=batch_size, progress=update)
     rows = [editor.registry.get(i).to_dict() for i in ids]
     warn_unconverged(rows, train)
     emit(rows, as_json, columns=["id", "status", "prompt", "target", "supersedes"])
@@ -575,13 +594,13 @@ def eval_(ctx, n_edits, seed, key_source, threshold, layers, output, dataset, st
     cases = load_cases(dataset, limit=n_edits) if dataset else None
     model, tokenizer = load(ctx)
     n = len(cases) if cases is not None else n_edits
-    with tempfile.TemporaryDirectory() as tmp, click.progressbar(length=n, label="editing", file=sys.stderr) as bar:
+    with tempfile.TemporaryDirectory() as tmp, progress(n, "editing") as update:
         if cases is not None:
             report = evaluate_sola_in_use(model, tokenizer, cases, f"{tmp}/registry", config=config, train=train,
-                                          seed=seed, styles=styles, paraphrases=paraphrases, progress=bar.update)
+                                          seed=seed, styles=styles, paraphrases=paraphrases, progress=update)
         else:
             report = evaluate_sola(model, tokenizer, counterfacts(n_edits, seed=seed), f"{tmp}/registry",
-                                   config=config, train=train, seed=seed, progress=bar.update)
+                                   config=config, train=train, seed=seed, progress=update)
     if output:
         Path(output).write_text(json.dumps({"metrics": report.metrics, "edits": report.edits}, indent=2))
     emit(report.metrics, as_json, report.markdown())

@@ -71,7 +71,7 @@ def loops(reply: str) -> bool:
 def evaluate_in_use(method: Method, cases: list[Case], tokenizer, *, styles=STYLES, seed: int = 0,
                     max_new_tokens: int = 40, paraphrases: bool = False,
                     rollback: Callable[[int], object] | None = None,
-                    stopped_short: Callable[[int], bool] | None = None,
+                    training: Callable[[int], dict] | None = None,
                     route: Callable[[list[str]], list[int | None]] | None = None,
                     progress: Callable[[int], None] | None = None, batch_size: int = 1) -> Report:
     """Edit `cases` one by one or `batch_size` at a time (`edit_all`; each as its own prompt and " " + answer; with `paraphrases`, also given the case's
@@ -125,10 +125,13 @@ def evaluate_in_use(method: Method, cases: list[Case], tokenizer, *, styles=STYL
             metrics[f"{s}/rollback_fidelity"] = mean([torch.equal(a, b) for a, b in zip(now, before_logits[s])])
     metrics["edit_seconds_median"] = statistics.median(seconds)
     metrics["edit_seconds_p95"] = sorted(seconds)[int(0.95 * (len(seconds) - 1))]
-    if stopped_short:
-        metrics["edits_stopped_short"] = sum(stopped_short(i) for i in ids)
-    edits = [{"id": i, "prompt": c.prompt, "answer": c.answer, "seconds": round(t, 4)}
-             for i, c, t in zip(ids, cases, seconds)]
+    infos = [training(i) for i in ids] if training else [{} for _ in ids]
+    if training:
+        metrics["edits_stopped_short"] = sum(bool(info.get("stopped_short")) for info in infos)
+        metrics["edit_steps_median"] = statistics.median(info.get("steps", 0) for info in infos)
+    edits = [{"id": i, "prompt": c.prompt, "answer": c.answer, "seconds": round(t, 4),
+              **{k: info[k] for k in ("steps", "stopped_short") if k in info}}
+             for i, c, t, info in zip(ids, cases, seconds, infos)]
     return Report(metrics, edits)
 
 
@@ -168,10 +171,7 @@ def evaluate_sola_in_use(model, tokenizer, cases: list[Case], path: str, config=
 
     train = train or TrainConfig()
     with SolaEditor.open(path, model, tokenizer, config=config) as editor:
-        def short(edit_id: int) -> bool:
-            return bool(editor.registry.get(edit_id).info.get("stopped_short"))
-
         return evaluate_in_use(SolaMethod(editor, train), cases, tokenizer, styles=styles, seed=seed,
                                max_new_tokens=max_new_tokens, paraphrases=paraphrases, rollback=editor.rollback,
-                               stopped_short=short,
+                               training=lambda edit_id: editor.registry.get(edit_id).info,
                                route=editor.route, progress=progress, batch_size=batch_size)

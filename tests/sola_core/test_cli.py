@@ -140,8 +140,10 @@ def test_edit_file_with_progress(run, tmp_path):
     path = tmp_path / "edits.jsonl"
     path.write_text('{"prompt": "The capital of Japan is", "target": " Osaka"}\n\n'
                     '{"prompt": "The largest planet is", "target": " Saturn"}\n')
-    rows = json.loads(run("edit", "--file", str(path), "--lr", "0.05", "--max-steps", "200", "--json").stdout)
+    result = run("edit", "--file", str(path), "--lr", "0.05", "--max-steps", "200", "--json")
+    rows = json.loads(result.stdout)
     assert [r["target"] for r in rows] == [" Osaka", " Saturn"]
+    assert "editing: 2/2 (" in result.stderr  # not a terminal: progress as lines, not Click's silent bar
     assert [r["info"]["batch"] for r in rows] == [2, 2]  # trained together (--batch-size 16)
 
 

@@ -82,3 +82,4 @@ def test_the_harness_judges_every_style(tmp_path, llama, tokenizer):
         assert 0.0 <= m[f"{style}/reliability"] <= 1.0 and f"{style}/loops" in m and f"{style}/false_routes" in m
         assert 0.0 <= m[f"{style}/subject_locality"] <= 1.0 and 0.0 <= m[f"{style}/subject_false_routes"] <= 1.0
     assert m["edits"] == 2 and m["edits_stopped_short"] in (0, 1, 2)
+    assert m["edit_steps_median"] >= 1 and all(e["steps"] >= 1 and "stopped_short" in e for e in report.edits)
