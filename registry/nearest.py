@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from .index import KeyIndex
 
 
-def routed(config: RegistryConfig, dists: Any, ids: Any, tomb_dists: Any | None) -> Any:
+def routed(config: RegistryConfig, dists: Any, ids: Any, tomb_dists: Any | None, threshold: float | None = None) -> Any:
     """``ids`` (the nearest active edit per query, numpy or torch) with -1 where no edit fires: the nearest
     active key lies beyond the threshold, or a rolled-back edit's key (a tombstone, at ``tomb_dists``) lies
     nearer than it.
@@ -27,8 +27,9 @@ def routed(config: RegistryConfig, dists: Any, ids: Any, tomb_dists: Any | None)
     neighbouring edit that happens to lie within the threshold. "Nearer" is by more than the supersede
     distance (as Euclidean distance between unit keys, for cosine), so a tombstone never shadows an active
     edit within that distance of it: a re-edit of the same prompt, or the version a rollback brought back.
+    ``threshold`` replaces the registry's for this search (a caller with its own test for the wider ring).
     """
-    fires = dists <= config.threshold
+    fires = dists <= (config.threshold if threshold is None else threshold)
     if tomb_dists is not None:
         margin = _chord(np.float64(config.supersede_distance), config.metric)
         fires &= _chord(dists, config.metric) <= _chord(tomb_dists, config.metric) + margin

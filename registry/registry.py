@@ -219,13 +219,14 @@ class EditRegistry:
         dists, ids = self._ensure_index().search(queries, 1)
         return dists[:, 0], ids[:, 0]
 
-    def match(self, queries: Any, distances: bool = False) -> Any:
-        """The edit id routed to per query row, or -1 (the rule: ``nearest.routed``, with tombstones). With
-        ``distances``, (distance to the nearest active key, id) from the same search."""
+    def match(self, queries: Any, distances: bool = False, threshold: float | None = None) -> Any:
+        """The edit id routed to per query row, or -1 (the rule: ``nearest.routed``, with tombstones; within
+        ``threshold`` instead of the registry's when given). With ``distances``, (distance to the nearest active
+        key, id) from the same search."""
         dists, ids = self.nearest(queries)
         tombstones = self._ensure_tombstones()
         tomb_dists = tombstones.search(queries, 1)[0][:, 0] if len(tombstones) else None
-        ids = routed(self._config, dists, ids, tomb_dists)
+        ids = routed(self._config, dists, ids, tomb_dists, threshold)
         return (dists, ids) if distances else ids
 
     def _ensure_index(self) -> KeyIndex:

@@ -16,6 +16,10 @@ KEY_SOURCES = ("encoder", "layer")  # where routing keys come from (keys.key_sou
 # Cosine-distance routing thresholds per key source, from `sola calibrate` on SmolLM2 (README, "Edit quality").
 # layer: neighbours' in-layer keys sit only a few hundredths away, so it must stay tight.
 DEFAULT_THRESHOLDS = {"layer": 0.01, "encoder": 0.15}
+# Encoder queries beyond the threshold but within this cosine distance of an edit's key still route to it when they
+# name a proper noun or number its phrasings name (routing.nearest_edits): a reworded fact keeps its subject, a
+# neighbouring fact names another (README, "Named routing").
+NAMED_RADIUS = 0.35
 FORMS = ("completion", "question", "chat")  # how an edit's prompt is asked (SolaEditor.edit)
 ENCODER_DTYPES = ("auto", "float32", "bfloat16")  # compute dtype of the encoder key source
 TRAIN_DTYPES = ("float32", "bfloat16")  # compute dtype of an edit's training forwards (TrainConfig.dtype)

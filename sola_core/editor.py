@@ -187,7 +187,7 @@ class SolaEditor:
     def route(self, prompts: list[str]) -> list[int | None]:
         """The edit that fires for each prompt, or None. With the encoder key no language model runs; with the
         layer key the model runs only up to the first edited layer."""
-        return self.router.route(self.router.queries(self.tokenize_batch(prompts)))
+        return self.router.route(self.tokenize_batch(prompts))
 
     def logits(self, prompts: list[str]) -> torch.Tensor:
         """(B, vocab) next-token logits after each prompt, as served (routed edits applied)."""

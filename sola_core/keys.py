@@ -8,6 +8,7 @@ before the model runs, so `SolaEditor.key` and `route` need no language model) o
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 from typing import Protocol
 
@@ -31,6 +32,9 @@ class KeySource(Protocol):
         """The (B, S, d) queries of a prompt from its tokens alone (S per row, NaN rows padding), or None when
         they need the model's states."""
 
+    def names(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> list[frozenset] | None:
+        """Per row, what its text names (`names`), for routing within NAMED_RADIUS; None: no such routing."""
+
     def query(self, x: torch.Tensor, positions: torch.Tensor, precomputed: torch.Tensor | None) -> torch.Tensor:
         """(B, d) or (B, S, d) queries, from the first edited layer's input x (B, T, in) at each row's last
         prompt token, or those `from_tokens` gave."""
@@ -48,6 +52,9 @@ class LayerKey:
         return first_layer_in
 
     def from_tokens(self, input_ids, attention_mask):
+        return None
+
+    def names(self, input_ids, attention_mask):
         return None
 
     def query(self, x, positions, precomputed):
@@ -122,15 +129,21 @@ class EncoderKey:
     def from_tokens(self, input_ids, attention_mask):
         if input_ids is None:
             raise ValidationError("the encoder key source needs input_ids (not inputs_embeds) to read the prompt")
-        rows = input_ids if attention_mask is None else [ids[m.bool()] for ids, m in zip(input_ids, attention_mask)]
-        return self.queries(self.texts(rows), input_ids.device)
+        return self.queries(self.texts(self._rows(input_ids, attention_mask)), input_ids.device)
+
+    def names(self, input_ids, attention_mask):
+        return None if input_ids is None else [names(t) for t in self.texts(self._rows(input_ids, attention_mask))]
+
+    @staticmethod
+    def _rows(input_ids, attention_mask) -> list:
+        return input_ids if attention_mask is None else [ids[m.bool()] for ids, m in zip(input_ids, attention_mask)]
 
     def queries(self, texts: list[str], device: torch.device | str = "cpu") -> torch.Tensor:
         """(B, S, d): each text's embedding, then, for a text of several lines, each line's on its own; NaN rows
         pad the shorter rows (they find nothing). A question put after an instruction ("Please answer the
         question:\n\nQ: ...\nA:") then still meets its key through its own line; the whole text comes first, and
         is the key an edit stores."""
-        parts = [[text, *lines] if len(lines := [line.strip() for line in text.splitlines() if line.strip()]) > 1
+        parts = [[text, *lines] if len(lines := [line for line in map(unlabelled, text.splitlines()) if line]) > 1
                  else [text] for text in texts]
         embedded = self.embed([part for row in parts for part in row], device)  # (sum S_i, d)
         out = embedded.new_full((len(texts), max(map(len, parts)), embedded.shape[1]), float("nan"))
@@ -152,6 +165,30 @@ class EncoderKey:
 
     def query(self, x, positions, precomputed):
         return precomputed
+
+
+LABEL = re.compile(r"[A-Za-z]{1,12}:(?:\s+|$)")  # "Q: ", "Question: ", "A:" opening a line of a prompt
+
+
+def unlabelled(line: str) -> str:
+    """A line of a prompt without the short label it opens with: "Q: What is ...?" embeds as the question the
+    edit's key holds, and a bare "A:" as nothing."""
+    line = line.strip()
+    return line[m.end():].strip() if (m := LABEL.match(line)) else line
+
+
+WORD = re.compile(r"[^\W_]+")
+
+
+def names(text: str) -> frozenset[str]:
+    """The proper nouns and numbers a text names, lowercased: its capitalised words but the first of each line
+    (which any sentence capitalises), and its words with a digit. "The national capital of the island nation of
+    Japan is" names {"japan"}; a lower-case text names nothing, and so never routes by name."""
+    found = set()
+    for line in text.splitlines():
+        words = WORD.findall(unlabelled(line))
+        found.update(w.lower() for i, w in enumerate(words) if (i and w[0].isupper()) or any(c.isdigit() for c in w))
+    return frozenset(found)
 
 
 def key_source(name: str, tokenizer=None, encoder_dtype: str = "auto") -> KeySource:

@@ -23,25 +23,49 @@ from registry import AdapterCache, EditRegistry
 from registry.errors import CorruptEdit
 
 from .generation import with_positions
-from .keys import KeySource
+from .config import NAMED_RADIUS
+from .keys import KeySource, names
 
 log = logging.getLogger(__name__)
 
 Adapter = list[tuple[torch.Tensor, torch.Tensor]]  # (A, B) per edited layer
 
 
-def nearest_edits(registry: EditRegistry, queries: torch.Tensor) -> torch.Tensor:
+class EditNames:
+    """What each edit's phrasings name (`keys.names` of its prompt and paraphrases), read once per edit: an
+    edit's text never changes."""
+
+    def __init__(self, registry: EditRegistry) -> None:
+        self.registry = registry
+        self._known: dict[int, frozenset[str]] = {}
+
+    def __call__(self, edit_id: int) -> frozenset[str]:
+        if edit_id not in self._known:
+            record = self.registry.get(edit_id)
+            self._known[edit_id] = frozenset().union(*(names(t) for t in [record.prompt, *record.paraphrases]))
+        return self._known[edit_id]
+
+
+def nearest_edits(registry: EditRegistry, queries: torch.Tensor, names: list[frozenset[str]] | None = None,
+                  edit_names: EditNames | None = None) -> torch.Tensor:
     """(B,) edit id per row of (B, S, d) queries, -1 for none: per query, the nearest active key within the
     threshold unless a tombstone is nearer (`registry.match`); per row, the nearest of its queries' edits. The
-    in-layer router and the router in front of other engines (proxy.py) both decide this way."""
+    in-layer router and the router in front of other engines (proxy.py) both decide this way.
+
+    With `names` (per row, what its text names) a row whose nearest key lies beyond the threshold but within
+    NAMED_RADIUS routes to that edit too when it names something the edit's phrasings name (`edit_names`)."""
     rows, per_row, dim = queries.shape
-    dists, ids = registry.match(queries.reshape(rows * per_row, dim), distances=True)
-    ids = ids.view(rows, per_row)
-    if per_row > 1:
-        dists = dists.view(rows, per_row)
-        best = torch.where(ids >= 0, dists, torch.full_like(dists, float("inf"))).argmin(1, keepdim=True)
-        ids = ids.gather(1, best)
-    return ids[:, 0]
+    named = names is not None and edit_names is not None
+    dists, ids = registry.match(queries.reshape(rows * per_row, dim), distances=True,
+                                threshold=NAMED_RADIUS if named else None)
+    ids, dists = ids.view(rows, per_row), dists.view(rows, per_row)
+    best = torch.where(ids >= 0, dists, torch.full_like(dists, float("inf"))).argmin(1, keepdim=True)
+    ids, dists = ids.gather(1, best)[:, 0], dists.gather(1, best)[:, 0]
+    if named:
+        for row in ((ids >= 0) & (dists > registry.config.threshold)).nonzero().flatten().tolist():
+            if not names[row] & edit_names(int(ids[row])):
+                ids[row] = -1
+    return ids
 
 
 @dataclass
@@ -52,6 +76,7 @@ class RoutingState:
     scaling: float = 1.0
     positions: torch.Tensor | None = None  # (B,) index of each row's last real prompt token
     precomputed: torch.Tensor | None = None  # (B, S, d) queries a key source computed before the forward
+    names: list[frozenset[str]] | None = None  # (B,) what each row's text names (KeySource.names)
     decide: bool = False  # a prompt pass is under way: the first edited layer decides
     edit_ids: torch.Tensor | None = None  # (B,) edit id per row, -1 = none
     rows: torch.Tensor | None = None  # (m,) rows that have an edit
@@ -59,9 +84,10 @@ class RoutingState:
     forced: Adapter | None = None  # adapters being trained, stacked per layer: (G, r, in), (G, out, r)
     forced_rows: torch.Tensor | None = None  # (B,) which of them each row trains
 
-    def pending(self, positions: torch.Tensor, precomputed: torch.Tensor | None) -> None:
+    def pending(self, positions: torch.Tensor, precomputed: torch.Tensor | None,
+                names: list[frozenset[str]] | None = None) -> None:
         """A prompt pass begins: forget the last decision; the first edited layer makes the next one."""
-        self.positions, self.precomputed, self.decide = positions, precomputed, True
+        self.positions, self.precomputed, self.names, self.decide = positions, precomputed, names, True
         self.edit_ids = self.rows = self.slots = None
 
     def routed(self, edit_ids: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor | None) -> None:
@@ -188,6 +214,7 @@ class Router:
         self._capture = False
         self._captured: torch.Tensor | None = None
         self._pins: torch.Tensor | None = None  # (B,) edits given by name instead of routed (`pinned`)
+        self._edit_names = EditNames(registry)
         registry.on_change(self._on_change)
         self._passes = PromptPasses(model, self._on_prompt)
 
@@ -199,8 +226,11 @@ class Router:
         if self.state.forced is not None:
             return
         self.registry.refresh()  # edits made by other processes since the last prompt
-        queries = None if self._pins is not None else self.keys.from_tokens(prompt.input_ids, prompt.mask)
-        self.state.pending(prompt.last_positions().to(self.device), queries)
+        if self._pins is not None:
+            self.state.pending(prompt.last_positions().to(self.device), None)
+            return
+        self.state.pending(prompt.last_positions().to(self.device), self.keys.from_tokens(prompt.input_ids, prompt.mask),
+                           self.keys.names(prompt.input_ids, prompt.mask))
 
     def decide(self, x: torch.Tensor) -> None:
         """The first edited layer's call on a prompt pass, with its input x (B, T, in)."""
@@ -215,12 +245,14 @@ class Router:
         if self._capture:
             self._captured = query
             raise _Captured
-        s.routed(*self._resolve(query, x.device))
+        s.routed(*self._resolve(query, s.names, x.device))
 
-    def _resolve(self, queries: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(edit id per row or -1, routed rows, their cache slots) for (B, S, d) queries. An edit whose key or
-        adapter fails its check is never applied."""
-        return self._applied(nearest_edits(self.registry, queries).to(device), device)
+    def _resolve(self, queries: torch.Tensor, names: list[frozenset[str]] | None,
+                 device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(edit id per row or -1, routed rows, their cache slots) for (B, S, d) queries and what each row names.
+        An edit whose key or adapter fails its check is never applied."""
+        ids = nearest_edits(self.registry, queries, names, self._edit_names)
+        return self._applied(ids.to(device), device)
 
     def _applied(self, ids: torch.Tensor, device):
         try:
@@ -276,10 +308,11 @@ class Router:
         queries, self._captured = self._captured, None
         return queries
 
-    def route(self, queries: torch.Tensor) -> list[int | None]:
-        """The edit each row of (B, S, d) queries is routed to, or None, as a served forward would decide it."""
+    def route(self, enc: dict) -> list[int | None]:
+        """The edit each row of a tokenized batch is routed to, or None, as a served forward would decide it."""
         self.registry.refresh()
-        ids, _, _ = self._resolve(queries, self.device)
+        ids, _, _ = self._resolve(self.queries(enc), self.keys.names(enc["input_ids"], enc.get("attention_mask")),
+                                  self.device)
         return [None if i < 0 else i for i in ids.tolist()]
 
     def routed(self) -> list[int | None]:

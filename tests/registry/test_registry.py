@@ -88,6 +88,15 @@ def test_far_keys_do_not_conflict_and_match_says_none(reg):
     assert isinstance(out, torch.Tensor) and out.tolist() == [b]
 
 
+def test_match_takes_a_wider_threshold_when_asked(reg):
+    a = add(reg, 1)
+    farther = near(make_key(1), scale=0.6)  # beyond the registry's 0.05, within 0.5
+    dist, _ = reg.nearest(farther[None])
+    assert reg.config.threshold < dist[0] < 0.5
+    assert reg.match(farther[None]).tolist() == [-1]
+    assert reg.match(farther[None], threshold=0.5).tolist() == [a]
+
+
 def test_invalid_transitions_and_unknown_ids(reg):
     old = add(reg, 1)
     new = add(reg, 2, key=near(make_key(1)))

@@ -4,7 +4,8 @@ import torch
 
 from registry.errors import ValidationError
 from sola_core import EditConfig, RuntimeConfig, SolaEditor, TrainConfig
-from sola_core.keys import EncoderKey, LayerKey, key_source
+from sola_core.config import NAMED_RADIUS
+from sola_core.keys import EncoderKey, LayerKey, key_source, names, unlabelled
 
 TRAIN = TrainConfig(lr=5e-2, max_steps=200, margin=1.0)
 
@@ -37,11 +38,11 @@ def test_encoder_embeds_the_unpadded_prompt_text(encoder, tokenizer):
 def test_a_prompt_of_several_lines_is_queried_whole_and_line_by_line(encoder):
     texts = ["Please answer the question:\n\nQ: What is the capital of France?\nA:", "One line"]
     queries = encoder.queries(texts)
-    assert queries.shape == (2, 4, 384)
-    want = encoder.embed([texts[0], "Please answer the question:", "Q: What is the capital of France?", "A:",
+    assert queries.shape == (2, 3, 384)  # the lines without their labels ("Q: ", "A:"), which the key never had
+    want = encoder.embed([texts[0], "Please answer the question:", "What is the capital of France?",
                           "One line"])  # one batch, as queries() embeds them (bf16 batches differ by ~1e-3)
-    assert torch.allclose(queries[0], want[:4], atol=1e-5)
-    assert torch.allclose(queries[1, 0], want[4], atol=1e-5)
+    assert torch.allclose(queries[0], want[:3], atol=1e-5)
+    assert torch.allclose(queries[1, 0], want[3], atol=1e-5)
     assert torch.isnan(queries[1, 1:]).all()  # padding: finds nothing
 
 
@@ -93,3 +94,28 @@ def test_a_question_after_an_instruction_routes_through_its_own_line(tmp_path, l
         assert editor.routed() == [eid, None]
         editor.rollback(eid)
         assert editor.route([asked, question]) == [None, None]
+
+
+def test_names_are_the_proper_nouns_and_numbers_a_text_names():
+    assert names("The national capital of the island nation of Japan is") == {"japan"}
+    assert names("Quick question: what's the capital of Japan's neighbour?") == {"japan"}
+    assert names("Please answer the question:\n\nQ: In which year did World War 2 end?\nA:") == {"world", "war", "2"}
+    assert names("the largest ocean is") == frozenset()  # nothing named: routes by the threshold alone
+    assert unlabelled(" Q: What is it?") == "What is it?" and unlabelled("A:") == ""
+    assert unlabelled("Please answer the question:") == "Please answer the question:"  # a sentence, not a label
+
+
+def test_beyond_the_threshold_a_query_routes_only_by_a_name_the_edit_names(tmp_path, llama, tokenizer):
+    """Within NAMED_RADIUS: the rewording names Japan as the edit does and routes; the other query, as near, names
+    something else ("Japanese") and does not; a neighbour naming Portugal lies far beyond. In-layer too."""
+    prompt, reworded = "The capital of Japan is", "The national capital of the island nation of Japan is"
+    unnamed, neighbour = "The capital city of the Japanese islands is", "The seat of government of Portugal is in"
+    with SolaEditor.open(tmp_path / "r", llama, tokenizer, config=EditConfig(key_source="encoder")) as editor:
+        eid = editor.edit(prompt, " Osaka", TRAIN)
+        dist = 1 - editor.router.keys.embed([reworded, unnamed]) @ editor.key(prompt)
+        assert (editor.registry.config.threshold < dist).all() and (dist < NAMED_RADIUS).all()
+        assert editor.route([reworded, unnamed, neighbour, prompt]) == [eid, None, None, eid]
+        editor.generate([reworded, unnamed], max_new_tokens=2)
+        assert editor.routed() == [eid, None]
+        editor.rollback(eid)
+        assert editor.route([reworded]) == [None]
