@@ -7,6 +7,7 @@ from typing import Callable
 
 import torch
 
+from .config import NAMED_RADIUS
 from .editor import SolaEditor
 from .models import load_model
 
@@ -68,9 +69,13 @@ def run_demo(model_name: str | None = None, echo: Callable[[str], None] | None =
             probes.append(("chat question", chat, CHAT_QUESTION))
         for label, prompt, text in probes:
             dist, nearest = editor.registry.nearest(editor.key(prompt)[None])
-            distances[label] = float(dist[0])
-            say(f"{label} {text!r}: nearest edit {int(nearest[0])} at key distance {float(dist[0]):.3f} "
-                f"({'routes' if dist[0] <= threshold else 'does not route'}: threshold {threshold})")
+            distances[label] = d = float(dist[0])
+            routed = editor.route([prompt])[0] is not None
+            why = (f"within the threshold {threshold}" if d <= threshold else
+                   f"beyond the threshold {threshold}, " + ("within" if d <= NAMED_RADIUS else "beyond") +
+                   f" {NAMED_RADIUS}" + (", naming what the edit names" if routed else ""))
+            say(f"{label} {text!r}: nearest edit {int(nearest[0])} at key distance {d:.3f} "
+                f"({'routes' if routed else 'does not route'}: {why})")
 
         editor.rollback(ids[0])
         rolled = editor.generate([EDITS[0][0]], max_new_tokens)[0]

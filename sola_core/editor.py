@@ -130,7 +130,8 @@ class SolaEditor:
     def _trained(self, edits: list[dict], train: TrainConfig) -> list[dict]:
         """The registry items of `edits` (normal_edit's): keys of every phrasing, adapters trained in one batch."""
         served = self.tokenize_batch([self._served(text, e["form"]) for e in edits for text in e["phrasings"]])
-        keys = self.router.queries(served)[:, 0].cpu().numpy()  # (phrasings, key_dim): each one's whole-text query
+        queries, _ = self.router.queries(served)
+        keys = queries[:, 0].cpu().numpy()  # (phrasings, key_dim): each one's whole-text query
         cfg = self.registry.config
         shapes = [(spec.in_features, spec.out_features) for spec in cfg.layers]
         groups = [[ex for text in e["phrasings"] for ex in self._examples(text, e["target"], e["form"], train)]
@@ -182,7 +183,8 @@ class SolaEditor:
 
     def key(self, prompt: str) -> torch.Tensor:
         """The routing key `prompt` gets (the same vector it is queried with when served)."""
-        return self.router.queries(self.tokenize_batch([prompt]))[0, 0]
+        queries, _ = self.router.queries(self.tokenize_batch([prompt]))
+        return queries[0, 0]
 
     def route(self, prompts: list[str]) -> list[int | None]:
         """The edit that fires for each prompt, or None. With the encoder key no language model runs; with the

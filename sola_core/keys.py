@@ -28,12 +28,11 @@ class KeySource(Protocol):
     def dim(self, first_layer_in: int) -> int:
         """Length of the key vector, given the first edited layer's input width."""
 
-    def from_tokens(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
-        """The (B, S, d) queries of a prompt from its tokens alone (S per row, NaN rows padding), or None when
-        they need the model's states."""
-
-    def names(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> list[frozenset] | None:
-        """Per row, what its text names (`names`), for routing within NAMED_RADIUS; None: no such routing."""
+    def from_tokens(self, input_ids: torch.Tensor | None,
+                    attention_mask: torch.Tensor | None) -> tuple[torch.Tensor | None, list[frozenset[str]] | None]:
+        """What a prompt's tokens alone give routing: its (B, S, d) queries (S per row, NaN rows padding), or None
+        when they need the model's states; and per row what its text names (`names`, for routing within
+        NAMED_RADIUS), or None for no such routing."""
 
     def query(self, x: torch.Tensor, positions: torch.Tensor, precomputed: torch.Tensor | None) -> torch.Tensor:
         """(B, d) or (B, S, d) queries, from the first edited layer's input x (B, T, in) at each row's last
@@ -52,10 +51,7 @@ class LayerKey:
         return first_layer_in
 
     def from_tokens(self, input_ids, attention_mask):
-        return None
-
-    def names(self, input_ids, attention_mask):
-        return None
+        return None, None
 
     def query(self, x, positions, precomputed):
         return x[torch.arange(x.shape[0], device=x.device), positions]  # (B, in)
@@ -129,10 +125,8 @@ class EncoderKey:
     def from_tokens(self, input_ids, attention_mask):
         if input_ids is None:
             raise ValidationError("the encoder key source needs input_ids (not inputs_embeds) to read the prompt")
-        return self.queries(self.texts(self._rows(input_ids, attention_mask)), input_ids.device)
-
-    def names(self, input_ids, attention_mask):
-        return None if input_ids is None else [names(t) for t in self.texts(self._rows(input_ids, attention_mask))]
+        texts = self.texts(self._rows(input_ids, attention_mask))
+        return self.queries(texts, input_ids.device), [names(text) for text in texts]
 
     @staticmethod
     def _rows(input_ids, attention_mask) -> list:

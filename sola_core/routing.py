@@ -46,16 +46,16 @@ class EditNames:
         return self._known[edit_id]
 
 
-def nearest_edits(registry: EditRegistry, queries: torch.Tensor, names: list[frozenset[str]] | None = None,
+def nearest_edits(registry: EditRegistry, queries: torch.Tensor, row_names: list[frozenset[str]] | None = None,
                   edit_names: EditNames | None = None) -> torch.Tensor:
     """(B,) edit id per row of (B, S, d) queries, -1 for none: per query, the nearest active key within the
     threshold unless a tombstone is nearer (`registry.match`); per row, the nearest of its queries' edits. The
     in-layer router and the router in front of other engines (proxy.py) both decide this way.
 
-    With `names` (per row, what its text names) a row whose nearest key lies beyond the threshold but within
+    With `row_names` (per row, what its text names) a row whose nearest key lies beyond the threshold but within
     NAMED_RADIUS routes to that edit too when it names something the edit's phrasings name (`edit_names`)."""
     rows, per_row, dim = queries.shape
-    named = names is not None and edit_names is not None
+    named = row_names is not None and edit_names is not None
     dists, ids = registry.match(queries.reshape(rows * per_row, dim), distances=True,
                                 threshold=NAMED_RADIUS if named else None)
     ids, dists = ids.view(rows, per_row), dists.view(rows, per_row)
@@ -63,7 +63,7 @@ def nearest_edits(registry: EditRegistry, queries: torch.Tensor, names: list[fro
     ids, dists = ids.gather(1, best)[:, 0], dists.gather(1, best)[:, 0]
     if named:
         for row in ((ids >= 0) & (dists > registry.config.threshold)).nonzero().flatten().tolist():
-            if not names[row] & edit_names(int(ids[row])):
+            if not row_names[row] & edit_names(int(ids[row])):
                 ids[row] = -1
     return ids
 
@@ -76,7 +76,7 @@ class RoutingState:
     scaling: float = 1.0
     positions: torch.Tensor | None = None  # (B,) index of each row's last real prompt token
     precomputed: torch.Tensor | None = None  # (B, S, d) queries a key source computed before the forward
-    names: list[frozenset[str]] | None = None  # (B,) what each row's text names (KeySource.names)
+    row_names: list[frozenset[str]] | None = None  # (B,) what each row's text names (KeySource.from_tokens)
     decide: bool = False  # a prompt pass is under way: the first edited layer decides
     edit_ids: torch.Tensor | None = None  # (B,) edit id per row, -1 = none
     rows: torch.Tensor | None = None  # (m,) rows that have an edit
@@ -85,9 +85,9 @@ class RoutingState:
     forced_rows: torch.Tensor | None = None  # (B,) which of them each row trains
 
     def pending(self, positions: torch.Tensor, precomputed: torch.Tensor | None,
-                names: list[frozenset[str]] | None = None) -> None:
+                row_names: list[frozenset[str]] | None = None) -> None:
         """A prompt pass begins: forget the last decision; the first edited layer makes the next one."""
-        self.positions, self.precomputed, self.names, self.decide = positions, precomputed, names, True
+        self.positions, self.precomputed, self.row_names, self.decide = positions, precomputed, row_names, True
         self.edit_ids = self.rows = self.slots = None
 
     def routed(self, edit_ids: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor | None) -> None:
@@ -229,8 +229,7 @@ class Router:
         if self._pins is not None:
             self.state.pending(prompt.last_positions().to(self.device), None)
             return
-        self.state.pending(prompt.last_positions().to(self.device), self.keys.from_tokens(prompt.input_ids, prompt.mask),
-                           self.keys.names(prompt.input_ids, prompt.mask))
+        self.state.pending(prompt.last_positions().to(self.device), *self.keys.from_tokens(prompt.input_ids, prompt.mask))
 
     def decide(self, x: torch.Tensor) -> None:
         """The first edited layer's call on a prompt pass, with its input x (B, T, in)."""
@@ -245,13 +244,13 @@ class Router:
         if self._capture:
             self._captured = query
             raise _Captured
-        s.routed(*self._resolve(query, s.names, x.device))
+        s.routed(*self._resolve(query, s.row_names, x.device))
 
-    def _resolve(self, queries: torch.Tensor, names: list[frozenset[str]] | None,
+    def _resolve(self, queries: torch.Tensor, row_names: list[frozenset[str]] | None,
                  device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(edit id per row or -1, routed rows, their cache slots) for (B, S, d) queries and what each row names.
         An edit whose key or adapter fails its check is never applied."""
-        ids = nearest_edits(self.registry, queries, names, self._edit_names)
+        ids = nearest_edits(self.registry, queries, row_names, self._edit_names)
         return self._applied(ids.to(device), device)
 
     def _applied(self, ids: torch.Tensor, device):
@@ -290,13 +289,13 @@ class Router:
         finally:
             self._pins = None
 
-    def queries(self, enc: dict) -> torch.Tensor:
-        """(B, S, d) routing queries of a tokenized batch; [:, 0] is each prompt's key. A key source that reads the
-        prompt text (the encoder) needs no language model; the layer key runs the model up to the first edited
-        layer and no further."""
-        queries = self.keys.from_tokens(enc["input_ids"], enc.get("attention_mask"))
+    def queries(self, enc: dict) -> tuple[torch.Tensor, list[frozenset[str]] | None]:
+        """(B, S, d) routing queries of a tokenized batch ([:, 0] is each prompt's key) and what each row names
+        (None: the key source routes by distance alone). A key source that reads the prompt text (the encoder)
+        needs no language model; the layer key runs the model up to the first edited layer and no further."""
+        queries, row_names = self.keys.from_tokens(enc["input_ids"], enc.get("attention_mask"))
         if queries is not None:
-            return queries.float()
+            return queries.float(), row_names
         self._capture = True
         try:
             with torch.no_grad():
@@ -306,13 +305,12 @@ class Router:
         finally:
             self._capture = False
         queries, self._captured = self._captured, None
-        return queries
+        return queries, row_names
 
     def route(self, enc: dict) -> list[int | None]:
         """The edit each row of a tokenized batch is routed to, or None, as a served forward would decide it."""
         self.registry.refresh()
-        ids, _, _ = self._resolve(self.queries(enc), self.keys.names(enc["input_ids"], enc.get("attention_mask")),
-                                  self.device)
+        ids, _, _ = self._resolve(*self.queries(enc), self.device)
         return [None if i < 0 else i for i in ids.tolist()]
 
     def routed(self) -> list[int | None]:

@@ -126,7 +126,7 @@ def evaluate_in_use(method: Method, cases: list[Case], tokenizer, *, styles=STYL
     metrics["edit_seconds_median"] = statistics.median(seconds)
     metrics["edit_seconds_p95"] = sorted(seconds)[int(0.95 * (len(seconds) - 1))]
     infos = [training(i) for i in ids] if training else [{} for _ in ids]
-    if training:
+    if infos and "steps" in infos[0]:
         metrics["edits_stopped_short"] = sum(bool(info.get("stopped_short")) for info in infos)
         metrics["edit_steps_median"] = statistics.median(info.get("steps", 0) for info in infos)
     edits = [{"id": i, "prompt": c.prompt, "answer": c.answer, "seconds": round(t, 4),

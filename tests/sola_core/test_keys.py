@@ -29,8 +29,8 @@ def test_layer_key_takes_each_rows_last_prompt_token():
 def test_encoder_embeds_the_unpadded_prompt_text(encoder, tokenizer):
     prompts = ["The capital of France is", "Hi"]
     enc = tokenizer(prompts, return_tensors="pt", padding=True)
-    queries = encoder.from_tokens(enc["input_ids"], enc["attention_mask"])
-    assert queries.shape == (2, 1, 384) and encoder.dim(64) == 384
+    queries, row_names = encoder.from_tokens(enc["input_ids"], enc["attention_mask"])
+    assert queries.shape == (2, 1, 384) and encoder.dim(64) == 384 and row_names == [{"france"}, set()]
     assert torch.allclose(queries[:, 0], encoder.embed(prompts), atol=1e-5)
     assert torch.allclose(queries[:, 0].norm(dim=1), torch.ones(2))
 
