@@ -174,14 +174,29 @@ def unlabelled(line: str) -> str:
 WORD = re.compile(r"[^\W_]+")
 
 
-def names(text: str) -> frozenset[str]:
+# Words that open a sentence without naming anything: an edit's opening word outside these is its subject.
+OPENERS = frozenset("""a an the this that these those there here it its i you he she we they my your his her our
+their who whom whose what whats which where when why how is are was were be been do does did can could will would
+shall should may might must has have had in on at of for from to by with about as into over after before under and
+or but so if then also just please tell name give say list hey hi hello quick ok okay yes no not now remind help
+let lets""".split())
+
+
+def names(text: str, openings: bool = False) -> frozenset[str]:
     """The proper nouns and numbers a text names, lowercased: its capitalised words but the first of each line
     (which any sentence capitalises), and its words with a digit. "The national capital of the island nation of
-    Japan is" names {"japan"}; a lower-case text names nothing, and so never routes by name."""
+    Japan is" names {"japan"}; a lower-case text names nothing, and so never routes by name.
+
+    With `openings` (an edit's own phrasings), a line's first word counts too unless it is one of OPENERS:
+    "Stonehenge can be found in" names {"stonehenge"}. A query never counts its first word, so a query worded
+    on the edit's own template ("Record stores file Nirvana under" beside "Record stores file Kraftwerk under")
+    shares no name with it through that word."""
     found = set()
     for line in text.splitlines():
         words = WORD.findall(unlabelled(line))
-        found.update(w.lower() for i, w in enumerate(words) if (i and w[0].isupper()) or any(c.isdigit() for c in w))
+        found.update(w.lower() for i, w in enumerate(words)
+                     if (w[0].isupper() and (i or (openings and w.lower() not in OPENERS)))
+                     or any(c.isdigit() for c in w))
     return frozenset(found)
 
 

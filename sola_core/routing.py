@@ -32,8 +32,8 @@ Adapter = list[tuple[torch.Tensor, torch.Tensor]]  # (A, B) per edited layer
 
 
 class EditNames:
-    """What each edit's phrasings name (`keys.names` of its prompt and paraphrases), read once per edit: an
-    edit's text never changes."""
+    """What each edit's phrasings name (`keys.names` of its prompt and paraphrases, opening words included),
+    read once per edit: an edit's text never changes."""
 
     def __init__(self, registry: EditRegistry) -> None:
         self.registry = registry
@@ -42,7 +42,8 @@ class EditNames:
     def __call__(self, edit_id: int) -> frozenset[str]:
         if edit_id not in self._known:
             record = self.registry.get(edit_id)
-            self._known[edit_id] = frozenset().union(*(names(t) for t in [record.prompt, *record.paraphrases]))
+            phrasings = [record.prompt, *record.paraphrases]
+            self._known[edit_id] = frozenset().union(*(names(text, openings=True) for text in phrasings))
         return self._known[edit_id]
 
 

@@ -101,8 +101,24 @@ def test_names_are_the_proper_nouns_and_numbers_a_text_names():
     assert names("Quick question: what's the capital of Japan's neighbour?") == {"japan"}
     assert names("Please answer the question:\n\nQ: In which year did World War 2 end?\nA:") == {"world", "war", "2"}
     assert names("the largest ocean is") == frozenset()  # nothing named: routes by the threshold alone
+    assert names("Stonehenge can be found in") == frozenset()  # a query's first word never counts
+    assert names("Stonehenge can be found in", openings=True) == {"stonehenge"}  # an edit's does, unless an opener
+    assert names("What is the capital of Japan?", openings=True) == {"japan"}
     assert unlabelled(" Q: What is it?") == "What is it?" and unlabelled("A:") == ""
     assert unlabelled("Please answer the question:") == "Please answer the question:"  # a sentence, not a label
+
+
+def test_an_edit_opening_with_its_subject_routes_queries_that_name_it(tmp_path, llama, tokenizer):
+    """The edit's opening word is its subject: a question naming Stonehenge within NAMED_RADIUS routes to it; a
+    query opening with the other edit's template word ("Record") names nothing, and stays with the base model."""
+    asked, templated = "Hey, do you know which country Stonehenge is in?", "Record stores file Radiohead under the genre"
+    with SolaEditor.open(tmp_path / "r", llama, tokenizer, config=EditConfig(key_source="encoder")) as editor:
+        ids = editor.edit_many([{"prompt": "Stonehenge can be found in", "target": " Peru"},
+                                {"prompt": "Record stores file Kraftwerk under the genre", "target": " jazz"}], TRAIN)
+        dist = 1 - (editor.router.keys.embed([asked, templated]) * torch.stack([editor.key(editor.registry.get(i).prompt)
+                                                                               for i in ids])).sum(1)
+        assert (editor.registry.config.threshold < dist).all() and (dist < NAMED_RADIUS).all()
+        assert editor.route([asked, templated]) == [ids[0], None]
 
 
 def test_beyond_the_threshold_a_query_routes_only_by_a_name_the_edit_names(tmp_path, llama, tokenizer):
