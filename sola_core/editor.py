@@ -196,8 +196,9 @@ class SolaEditor:
         return next_token_logits(self.model, self.tokenize_batch(prompts))
 
     def generate(self, prompts: list[str], max_new_tokens: int = 20, **kwargs) -> list[str]:
-        """Greedy continuations (`kwargs` go to `model.generate`); each sequence keeps the edit its prompt was
-        routed to for every new token, and `routed()` then says which edit that was."""
+        """Greedy continuations (`kwargs` go to `generation.greedy`, `until` included, then `model.generate`); each
+        sequence keeps the edit its prompt was routed to for every new token, and `routed()` then says which edit
+        that was."""
         return greedy(self.model, self.tokenizer, self.tokenize_batch(prompts), max_new_tokens, **kwargs)
 
     def routed(self) -> list[int | None]:

@@ -25,7 +25,9 @@ class Method(Protocol):
     # form: how the prompt is asked (SolaEditor.edit's; a method may train every form alike). Methods that can
     # also have edit_many(edits) -> ids.
     def edit(self, prompt: str, target: str, form: str = "completion") -> int: ...
-    def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]: ...
+    # until(text): a row may end once it holds for its reply so far (the harness has what it judges)
+    def generate(self, prompts: list[str], max_new_tokens: int,
+                 until: Callable[[str], bool] | None = None) -> list[str]: ...
     def logits(self, prompts: list[str]) -> torch.Tensor: ...
 
 
@@ -164,8 +166,8 @@ class SolaMethod:
     def edit_many(self, edits: list[dict]) -> list[int]:
         return self.editor.edit_many(edits, self.train, batch_size=len(edits))
 
-    def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
-        return self.editor.generate(prompts, max_new_tokens)
+    def generate(self, prompts: list[str], max_new_tokens: int, until=None) -> list[str]:
+        return self.editor.generate(prompts, max_new_tokens, until=until)
 
     def logits(self, prompts: list[str]) -> torch.Tensor:
         return self.editor.logits(prompts)

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import inspect
+from typing import Callable
 
 import torch
 from torch import nn
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from registry.errors import ValidationError
 
@@ -39,13 +41,28 @@ def next_token_logits(model: nn.Module, enc: dict) -> torch.Tensor:
     return model(**with_positions(model, enc)).logits[:, -1]
 
 
+class Until(StoppingCriteria):
+    """Ends each row of a `generate` once `done(its new text so far)` holds (rows end one by one)."""
+
+    def __init__(self, tokenizer, start: int, done: Callable[[str], bool]) -> None:
+        self.tokenizer, self.start, self.done = tokenizer, start, done
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.start:], skip_special_tokens=True)
+        return torch.tensor([self.done(text) for text in texts], dtype=torch.bool, device=input_ids.device)
+
+
 @torch.no_grad()
-def greedy(model: nn.Module, tokenizer, enc: dict, max_new_tokens: int, **kwargs) -> list[str]:
-    """Greedy continuations (the new text only)."""
+def greedy(model: nn.Module, tokenizer, enc: dict, max_new_tokens: int,
+           until: Callable[[str], bool] | None = None, **kwargs) -> list[str]:
+    """Greedy continuations (the new text only); with `until`, each row ends as soon as `until(its text)` holds."""
     limit = context_length(model)
-    if limit and enc["input_ids"].shape[1] + max_new_tokens > limit:
-        raise ValidationError(f"prompt ({enc['input_ids'].shape[1]} tokens) plus {max_new_tokens} new tokens "
+    start = enc["input_ids"].shape[1]
+    if limit and start + max_new_tokens > limit:
+        raise ValidationError(f"prompt ({start} tokens) plus {max_new_tokens} new tokens "
                               f"exceed the model's context of {limit}")
     kwargs.setdefault("do_sample", False)
+    if until is not None:
+        kwargs["stopping_criteria"] = StoppingCriteriaList([Until(tokenizer, start, until)])
     out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **kwargs)
-    return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return tokenizer.batch_decode(out[:, start:], skip_special_tokens=True)

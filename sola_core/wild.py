@@ -29,6 +29,9 @@ from .config import STYLES
 from .datasets import Case
 from .evaluate import Method, Report, batched, edit_all, mean
 
+# Replies generated in one batch: one SmolLM2 step on the CPU reads all the weights whatever the rows, so 64 rows
+# judge 1.8-2.9x faster than 16 (measured on 120 locality probes per style); before and after use the same batches.
+JUDGE_BATCH = 64
 INSTRUCTIONS = {"question": "Please answer the question:\n\nQ: {}\nA:", "completion": "Please complete the sentence:\n\n{}"}
 
 
@@ -58,6 +61,15 @@ def cut(reply: str) -> str:
     return SENTENCE_END.split(reply.lstrip(), maxsplit=1)[0].strip()
 
 
+def settled(reply: str) -> bool:
+    """Whether `cut` of this reply so far is already what it will be however the reply goes on: it has a line
+    break, or a sentence-ending full stop with something after it (a stop at the very end may yet turn out to sit
+    inside a number). Locality probes end there: their cut reply is all they are judged on."""
+    text = reply.lstrip()
+    end = SENTENCE_END.search(text)
+    return end is not None and (end.group() == "\n" or end.end() < len(text))
+
+
 def loops(reply: str) -> bool:
     """Whether some phrase of one to four words comes three times in a row."""
     words = re.findall(r"\w+", reply.lower())
@@ -85,13 +97,16 @@ def evaluate_in_use(method: Method, cases: list[Case], tokenizer, *, styles=STYL
     def put(texts_kinds: list[tuple[str, str]], style: str) -> list[str]:
         return [styled(t, k, style, tokenizer) for t, k in texts_kinds]
 
-    def replies(prompts: list[str]) -> list[str]:
-        return batched(lambda b: method.generate(b, max_new_tokens), prompts)
+    def replies(prompts: list[str], until=None) -> list[str]:
+        return batched(lambda b: method.generate(b, max_new_tokens, until), prompts, JUDGE_BATCH)
+
+    def cut_replies(prompts: list[str]) -> list[str]:  # what locality compares; loops are judged on whole replies
+        return [cut(r) for r in replies(prompts, until=settled)]
 
     probes = {"neighbourhood_locality": [(p, c.kind) for c in cases for p in c.neighbours],
               "locality": [(p, c.kind) for c in cases for p in c.unrelated[:1]],
               "subject_locality": [(p, "completion") for c in cases for p in c.same_subject]}
-    before = {(name, s): [cut(r) for r in replies(put(items, s))] for name, items in probes.items() for s in styles}
+    before = {(name, s): cut_replies(put(items, s)) for name, items in probes.items() for s in styles}
     half = sorted(random.Random(seed).sample(range(len(cases)), len(cases) // 2)) if rollback else []
     own = [(c.prompt, c.kind) for c in cases]
     before_logits = {s: [method.logits([p]) for p in put([own[i] for i in half], s)] for s in styles}
@@ -115,7 +130,7 @@ def evaluate_in_use(method: Method, cases: list[Case], tokenizer, *, styles=STYL
             metrics.update(routing_metrics(route, cases, ids, s, tokenizer))
         for name, items in probes.items():
             if items:
-                after = [cut(r) for r in replies(put(items, s))]
+                after = cut_replies(put(items, s))
                 metrics[f"{s}/{name}"] = mean([a == b for a, b in zip(after, before[(name, s)])])
     if rollback:
         for i in half:

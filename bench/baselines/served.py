@@ -16,8 +16,8 @@ class Served:
     def tokenize_batch(self, prompts: list[str]) -> dict:
         return tokenize_batch(self.model, self.tokenizer, prompts, self.device)
 
-    def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
-        return greedy(self.model, self.tokenizer, self.tokenize_batch(prompts), max_new_tokens)
+    def generate(self, prompts: list[str], max_new_tokens: int, until=None) -> list[str]:
+        return greedy(self.model, self.tokenizer, self.tokenize_batch(prompts), max_new_tokens, until)
 
     def logits(self, prompts: list[str]) -> torch.Tensor:
         return next_token_logits(self.model, self.tokenize_batch(prompts))

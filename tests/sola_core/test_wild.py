@@ -4,11 +4,14 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from registry.errors import ValidationError
 from sola_core import EditConfig, TrainConfig
 from sola_core.datasets import Case, load_cases, tidy
-from sola_core.wild import cut, evaluate_sola_in_use, holds, loops, normalise, styled
+from sola_core.generation import greedy, tokenize_batch
+from sola_core.wild import cut, evaluate_sola_in_use, holds, loops, normalise, settled, styled
 from tests.sola_core.test_chat import CHATML
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
@@ -24,6 +27,28 @@ def test_replies_are_cut_at_the_first_stop_and_matched_after_normalising():
     assert holds(" It was the Wilt Chamberlain.", "Wilt Chamberlain") and not holds(" Wilt", "Wilt Chamberlain")
     assert holds(" Quito is it", "Quito", starts=True) and not holds(" It is Quito", "Quito", starts=True)
     assert tidy("Wilt Chamberlain *") == "Wilt Chamberlain" and tidy("THALLIUM.") == "THALLIUM"
+
+
+@given(st.text(alphabet=" \n.,4RFa", max_size=24), st.data())
+def test_a_settled_reply_is_cut_where_the_whole_reply_is(reply, data):
+    part = reply[:data.draw(st.integers(0, len(reply)))]
+    if settled(part):
+        assert cut(part) == cut(reply)
+
+
+def test_settled_waits_for_what_follows_a_full_stop():
+    assert settled(" Paris.\n") and settled(" Paris. The") and settled("\n\nParis\n")
+    assert not settled(" 24,303.") and not settled(" Gerald R. ") and not settled("\n\n") and not settled(" Paris")
+
+
+def test_greedy_until_ends_each_row_on_its_own(llama, tokenizer):
+    prompts = ["The capital of France is", "Hello, how are you today?", "Water boils at"]
+    enc = tokenize_batch(llama, tokenizer, prompts, "cpu")
+    whole = greedy(llama, tokenizer, enc, 12)
+    early = greedy(llama, tokenizer, enc, 12, until=lambda text: len(text) >= 6)
+    for short, full in zip(early, whole):
+        assert full.startswith(short) and (len(short) >= 6 or short == full)
+    assert sum(len(s) for s in early) < sum(len(f) for f in whole)
 
 
 def test_loops_are_phrases_three_times_in_a_row():
