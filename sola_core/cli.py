@@ -101,12 +101,12 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON i
 
 
 def training_options(command):
-    """What each new edit's adapter is trained on, how, and when training stops: seven options, one `train`
+    """What each new edit's adapter is trained on, how, and when training stops: eight options, one `train`
     (TrainConfig) argument; shared by edit and eval."""
     @functools.wraps(command)
-    def with_train(*args, lr, max_steps, margin, chat_form, qa_form, end_token, train_dtype, **kwargs):
+    def with_train(*args, lr, max_steps, margin, chat_form, qa_form, question_form, end_token, train_dtype, **kwargs):
         train = TrainConfig(lr=lr, max_steps=max_steps, margin=margin, chat_form=chat_form, qa_form=qa_form,
-                            end_token=end_token, dtype=train_dtype)
+                            question_form=question_form, end_token=end_token, dtype=train_dtype)
         return command(*args, train=train, **kwargs)
 
     options = [
@@ -118,6 +118,8 @@ def training_options(command):
                      help="Also train each edit as a chat exchange in the model's own template."),
         click.option("--qa-form/--no-qa-form", default=TrainConfig.qa_form, show_default=True,
                      help="Also train a question as 'Question: ...\\nAnswer: target'."),
+        click.option("--question-form/--no-question-form", default=TrainConfig.question_form, show_default=True,
+                     help="Also train a completion prompt asked as a question: '... what?' then the target."),
         click.option("--end-token/--no-end-token", default=TrainConfig.end_token, show_default=True,
                      help="Train the target followed by the end-of-sequence token."),
         click.option("--train-dtype", type=click.Choice(TRAIN_DTYPES), default=TrainConfig.dtype, show_default=True,

@@ -27,6 +27,8 @@ STYLES = ("bare", "instruct", "chat")  # how the in-use harness puts each prompt
 # How a question is framed as a QA exchange in training (TrainConfig.qa_form). Not the wording the in-use harness
 # asks with (wild.INSTRUCTIONS): an instruction the edit never saw is what users bring.
 QA_FRAME = "Question: {}\nAnswer:"
+# How a completion prompt is asked as a question in training (TrainConfig.question_form), answered after the "?".
+ASK_FRAME = "{} what?"
 
 
 @dataclass
@@ -84,6 +86,11 @@ class TrainConfig:
     qa_form: bool = field(default=True, metadata={"help": "also train a question (a question edit, or a phrasing "
                                                           "ending in '?') framed as QA_FRAME, so that the answer holds "
                                                           "when it is asked after a QA instruction"})
+    question_form: bool = field(default=True, metadata={"help": "also train a completion prompt asked as a "
+                                                                "question (ASK_FRAME: 'The capital of Peru is "
+                                                                "what?' -> ' Quito'): SmolLM2 ends its reply right "
+                                                                "after a question put without a chat template "
+                                                                "unless the adapter has seen one answered"})
     dtype: str = field(default="float32", metadata={"help": "compute dtype of the training forwards: bfloat16 "
                                                             "autocast is cheaper per step where the hardware has "
                                                             "it; the adapter is kept and served in float32"})

@@ -17,7 +17,7 @@ from registry import AdapterCache, EditRegistry, Record
 from registry.errors import ValidationError
 
 from .chat import chat_prompt, chat_reply
-from .config import QA_FRAME, EditConfig, RuntimeConfig, TrainConfig
+from .config import ASK_FRAME, QA_FRAME, EditConfig, RuntimeConfig, TrainConfig
 from .edits import check_edit, normal_edit
 from .fingerprint import check_model, registry_config
 from .generation import context_length, greedy, next_token_logits, tokenize_batch
@@ -154,8 +154,10 @@ class SolaEditor:
         marker). A chat edit always trains its chat form, the others with `train.chat_form`; a chat edit trains
         its bare form only with `train.chat_form` too. With `train.qa_form` a question (a question edit, or a
         phrasing ending in "?") also trains framed as QA_FRAME: after a QA instruction SmolLM2 tends to end its
-        reply at once, which an adapter trained on the bare and chat forms alone did not overcome. The primary
-        form comes first and is always kept."""
+        reply at once, which an adapter trained on the bare and chat forms alone did not overcome. With
+        `train.question_form` a completion phrasing also trains asked as a question (ASK_FRAME), for the same
+        reason: after a bare question SmolLM2 ends its reply at once. The primary form comes first and is always
+        kept."""
         tok, limit = self.tokenizer, context_length(self.model)
         answer = target.strip()
         target_ids = tok(target if form == "completion" else " " + answer, add_special_tokens=False)["input_ids"]
@@ -169,11 +171,13 @@ class SolaEditor:
             reply = chat_reply(tok, text, answer)
             if reply is not None:
                 chat = (tok(chat_prompt(tok, text))["input_ids"], tok(reply, add_special_tokens=False)["input_ids"])
-        qa = None
-        if train.qa_form and form != "chat" and (form == "question" or text.rstrip().endswith("?")):
-            qa = (tok(QA_FRAME.format(text))["input_ids"],
-                  tok(" " + answer, add_special_tokens=False)["input_ids"] + end)
-        forms = [chat, bare if train.chat_form else None] if form == "chat" else [bare, chat, qa]
+        spaced = tok(" " + answer, add_special_tokens=False)["input_ids"] + end  # the answer after a question
+        asks = text.rstrip().endswith("?")
+        qa = (tok(QA_FRAME.format(text))["input_ids"], spaced) \
+            if train.qa_form and form != "chat" and (form == "question" or asks) else None
+        asked = (tok(ASK_FRAME.format(text.rstrip()))["input_ids"], spaced) \
+            if train.question_form and form == "completion" and not asks else None
+        forms = [chat, bare if train.chat_form else None] if form == "chat" else [bare, chat, qa, asked]
         examples = []
         for pair in filter(None, forms):
             ids = torch.tensor([pair[0] + pair[1]], device=self.device)

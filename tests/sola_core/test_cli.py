@@ -206,8 +206,8 @@ def test_what_an_edit_trains_on_is_chosen_on_the_command_line(run, model_dir):
     init(run)
     both = json.loads(run(*EDIT, "--json").stdout)[0]
     bare = json.loads(run("edit", "--prompt", "Water boils at", "--target", " Rome", "--no-chat-form",
-                          "--no-end-token", "--max-steps", "5", "--json").stdout)[0]
-    assert both["info"]["examples"] == 2 and bare["info"]["examples"] == 1
+                          "--no-end-token", "--no-question-form", "--max-steps", "5", "--json").stdout)[0]
+    assert both["info"]["examples"] == 3 and bare["info"]["examples"] == 1  # bare, chat, asked as a question
     # a question also trains framed as a QA exchange (bare, chat, QA), a question edit whatever its punctuation
     asked = json.loads(run("edit", "--prompt", "Where does water boil?", "--target", " Rome", "--max-steps", "5",
                            "--json").stdout)[0]

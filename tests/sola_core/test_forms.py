@@ -25,12 +25,24 @@ def test_a_paraphrase_routes_to_its_edit_and_trains_it(tmp_path, llama, tokenize
         record = editor.registry.get(eid)
         assert record.supersedes == alone and record.paraphrases == [FAR]
         assert editor.registry.keys(eid).shape == (2, editor.registry.config.key_dim)
-        assert record.info["examples"] == 3  # one per phrasing (no chat template here), and the question as QA
+        assert record.info["examples"] == 4  # one per phrasing (no chat template here), the prompt asked, the question as QA
         assert editor.route([PROMPT, FAR]) == [eid, eid]
         assert editor.generate([FAR], max_new_tokens=3)[0].startswith(" Lyon")
         editor.rollback(eid)  # its predecessor comes back, without the paraphrase
         assert editor.route([PROMPT, FAR]) == [alone, None]
         assert editor.generate([FAR], max_new_tokens=3) == base
+
+
+def test_a_completion_also_trains_asked_as_a_question(tmp_path, llama, tokenizer):
+    """After a bare question SmolLM2 ends its reply at once: the adapter also learns the answer after one."""
+    with SolaEditor.open(tmp_path / "r", llama, tokenizer, config=EditConfig(key_source="encoder")) as editor:
+        def texts(train, text=PROMPT, form="completion"):
+            return [tokenizer.decode(ids[0]) for ids, _ in editor._examples(text, " Lyon", form, train)]
+
+        assert texts(TRAIN) == [PROMPT + " Lyon<eos>", PROMPT + " what? Lyon<eos>"]
+        assert texts(TrainConfig(question_form=False)) == [PROMPT + " Lyon<eos>"]
+        question = "Which city is the capital of France?"  # already a question: its QA form instead
+        assert texts(TRAIN, question, "question") == [question + " Lyon<eos>", f"Question: {question}\nAnswer: Lyon<eos>"]
 
 
 def test_a_question_edit_answers_after_a_space(tmp_path, llama, tokenizer):
