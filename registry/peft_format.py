@@ -86,7 +86,8 @@ def write(directory: str, config: RegistryConfig, records: list[Record], keys: d
         name = write_adapter(root, config, record, adapters[record.id], base_model)
         key_tensors[name] = torch.from_numpy(np.ascontiguousarray(keys[record.id], dtype=np.float32))
         rows.append({"name": name, "edit_id": record.id, "prompt": record.prompt, "target": record.target,
-                     "paraphrases": list(record.paraphrases), "keys": int(keys[record.id].shape[0])})
+                     "paraphrases": list(record.paraphrases), "subject": record.subject,
+                     "keys": int(keys[record.id].shape[0])})
     index = {"format": "sola-peft/1", "base_model_name_or_path": base_model, "key_source": config.key_source,
              "metric": config.metric, "threshold": config.threshold, "adapters": rows}
     _replace(root / KEYS_NAME, lambda p: safetensors.torch.save_file(key_tensors, str(p)))

@@ -253,20 +253,20 @@ class EditRegistry:
 
     # --- writing -------------------------------------------------------------------------
     def add(self, prompt: str, target: str, keys: Any, adapter: dict[str, torch.Tensor],
-            info: dict | None = None, paraphrases: Sequence[str] = ()) -> int:
+            info: dict | None = None, paraphrases: Sequence[str] = (), subject: str | None = None) -> int:
         """Store one edit: ``keys`` is the prompt's key (dim,), or one row per phrasing (1 + len(paraphrases),
         dim), all routing to this edit. The active edit with a key nearest to any of them, within
-        ``config.supersede_distance``, becomes superseded by it."""
+        ``config.supersede_distance``, becomes superseded by it. ``subject`` is kept in its record."""
         self._check_writable()
-        edit = NewEdit.checked(self._config, prompt, target, keys, adapter, info, paraphrases)
+        edit = NewEdit.checked(self._config, prompt, target, keys, adapter, info, paraphrases, subject)
         return self._write("add", lambda tx: tx.insert(edit), needs_index=True)
 
     def add_many(self, items: Iterable[dict], batch_size: int = 1000, *,
                  check_conflicts: bool = True) -> list[int]:
         """Store many edits, one transaction per batch (each batch is all or nothing).
 
-        Items are dicts with ``prompt``, ``target``, ``keys``, ``adapter`` and optional ``info`` and
-        ``paraphrases`` (as the arguments of :meth:`add`).
+        Items are dicts with ``prompt``, ``target``, ``keys``, ``adapter`` and optional ``info``,
+        ``paraphrases`` and ``subject`` (as the arguments of :meth:`add`).
         Conflicts are resolved as in :meth:`add`, in order. ``check_conflicts=False`` skips
         the search (O(N) per edit) for bulk loads whose keys are known to be far apart.
         """
@@ -285,7 +285,8 @@ class EditRegistry:
             return NewEdit.checked(self._config, **item)
         except TypeError:
             raise ValidationError(
-                f"add_many items are dicts with prompt, target, keys, adapter and optional info and paraphrases; "
+                f"add_many items are dicts with prompt, target, keys, adapter and optional info, paraphrases and "
+                f"subject; "
                 f"got {sorted(item)}"
             ) from None
 

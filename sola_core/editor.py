@@ -91,22 +91,24 @@ class SolaEditor:
         return tokenize_batch(self.model, self.tokenizer, prompts, self.device)
 
     def edit(self, prompt: str, target: str, train: TrainConfig | None = None, *, form: str = "completion",
-             paraphrases: Sequence[str] = ()) -> int:
+             paraphrases: Sequence[str] = (), subject: str | None = None) -> int:
         """Teach the model `prompt` -> `target` with a new frozen adapter; returns the new edit id.
 
         `form` says how the prompt is asked (FORMS): "completion", a sentence `target` continues as given (mind
         its leading space: "The capital of Peru is" -> " Quito"); "question", a question `target` answers
         ("What is the capital of Peru?" -> "Quito"); "chat", a user message `target` is the assistant's reply to,
         served through the model's chat template. `paraphrases` are other phrasings of the same fact: each
-        becomes a routing key of this edit and a training example of its adapter.
+        becomes a routing key of this edit and a training example of its adapter. `subject` is what the fact is
+        about, in the prompt's words ("the telephone" in "The telephone was invented by"): a query that says it
+        routes to the edit from farther away (within NAMED_RADIUS), as one naming the prompt's proper nouns does.
         """
-        edit = {"prompt": prompt, "target": target, "form": form, "paraphrases": paraphrases}
+        edit = {"prompt": prompt, "target": target, "form": form, "paraphrases": paraphrases, "subject": subject}
         return self.edit_many([edit], train)[0]
 
     def edit_many(self, edits: Iterable[dict], train: TrainConfig | None = None, *, batch_size: int = 16,
                   progress: Callable[[int], None] | None = None) -> list[int]:
-        """Make many edits (dicts of `edit`'s keyword arguments: prompt, target, optional form and paraphrases),
-        `batch_size` of them trained at once in one batch; returns their ids, in order.
+        """Make many edits (dicts of `edit`'s keyword arguments: prompt, target, optional form, paraphrases and
+        subject), `batch_size` of them trained at once in one batch; returns their ids, in order.
 
         Every edit is checked before the first is trained. Each adapter comes out as `edit` would train it alone
         (its own rows, loss and stopping rule). Each batch is stored in one write transaction, in order, so a
@@ -141,7 +143,7 @@ class SolaEditor:
         per_edit = np.split(keys, np.cumsum([len(e["phrasings"]) for e in edits])[:-1])  # each edit's key rows
         return [{"prompt": e["prompt"], "target": e["target"], "keys": k, "adapter": adapter,
                  "info": {**info, "form": e["form"], "batch": len(edits), "dtype": train.dtype},
-                 "paraphrases": e["phrasings"][1:]}
+                 "paraphrases": e["phrasings"][1:], "subject": e["subject"]}
                 for e, k, (adapter, info) in zip(edits, per_edit, trained)]
 
     def _served(self, text: str, form: str) -> str:

@@ -160,8 +160,9 @@ class SolaMethod:
     def __init__(self, editor, train) -> None:
         self.editor, self.train = editor, train
 
-    def edit(self, prompt: str, target: str, form: str = "completion", paraphrases: list[str] = ()) -> int:
-        return self.editor.edit(prompt, target, self.train, form=form, paraphrases=paraphrases)
+    def edit(self, prompt: str, target: str, form: str = "completion", paraphrases: list[str] = (),
+             subject: str | None = None) -> int:
+        return self.editor.edit(prompt, target, self.train, form=form, paraphrases=paraphrases, subject=subject)
 
     def edit_many(self, edits: list[dict]) -> list[int]:
         return self.editor.edit_many(edits, self.train, batch_size=len(edits))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -29,9 +30,9 @@ class KeySource(Protocol):
         """Length of the key vector, given the first edited layer's input width."""
 
     def from_tokens(self, input_ids: torch.Tensor | None,
-                    attention_mask: torch.Tensor | None) -> tuple[torch.Tensor | None, list[frozenset[str]] | None]:
+                    attention_mask: torch.Tensor | None) -> tuple[torch.Tensor | None, list[Mentions] | None]:
         """What a prompt's tokens alone give routing: its (B, S, d) queries (S per row, NaN rows padding), or None
-        when they need the model's states; and per row what its text names (`names`, for routing within
+        when they need the model's states; and per row what its text mentions (for routing within
         NAMED_RADIUS), or None for no such routing."""
 
     def query(self, x: torch.Tensor, positions: torch.Tensor, precomputed: torch.Tensor | None) -> torch.Tensor:
@@ -126,7 +127,7 @@ class EncoderKey:
         if input_ids is None:
             raise ValidationError("the encoder key source needs input_ids (not inputs_embeds) to read the prompt")
         texts = self.texts(self._rows(input_ids, attention_mask))
-        return self.queries(texts, input_ids.device), [names(text) for text in texts]
+        return self.queries(texts, input_ids.device), [Mentions.of(text) for text in texts]
 
     @staticmethod
     def _rows(input_ids, attention_mask) -> list:
@@ -198,6 +199,23 @@ def names(text: str, openings: bool = False) -> frozenset[str]:
                      if (w[0].isupper() and (i or (openings and w.lower() not in OPENERS)))
                      or any(c.isdigit() for c in w))
     return frozenset(found)
+
+
+def words(text: str) -> frozenset[str]:
+    """A text's words, lowercased, but the OPENERS: what a subject is made of ("the Mona Lisa": mona, lisa)."""
+    return frozenset(w for w in map(str.lower, WORD.findall(text)) if w not in OPENERS)
+
+
+@dataclass(frozen=True)
+class Mentions:
+    """What a query's text mentions, for routing within NAMED_RADIUS: its `names`, and all its `words`."""
+
+    names: frozenset[str]
+    words: frozenset[str]
+
+    @classmethod
+    def of(cls, text: str) -> "Mentions":
+        return cls(names(text), words(text))
 
 
 def key_source(name: str, tokenizer=None, encoder_dtype: str = "auto") -> KeySource:

@@ -93,8 +93,8 @@ class TextRouter:
     def edit_for(self, text: str) -> int | None:
         self.registry.refresh()  # edits and rollbacks made by other processes since the last request
         enc = self.tokenizer([text], return_tensors="pt")
-        queries, row_names = self.keys.from_tokens(enc["input_ids"], enc.get("attention_mask"))  # (1, S, d)
-        edit = int(nearest_edits(self.registry, queries.float(), row_names, self.edit_names)[0])
+        queries, mentions = self.keys.from_tokens(enc["input_ids"], enc.get("attention_mask"))  # (1, S, d)
+        edit = int(nearest_edits(self.registry, queries.float(), mentions, self.edit_names)[0])
         return None if edit < 0 else edit
 
     def adapter(self, edit_id: int) -> str | None:

@@ -24,7 +24,7 @@ from registry.errors import CorruptEdit
 
 from .generation import with_positions
 from .config import NAMED_RADIUS
-from .keys import KeySource, names
+from .keys import KeySource, Mentions, names, words
 
 log = logging.getLogger(__name__)
 
@@ -32,31 +32,35 @@ Adapter = list[tuple[torch.Tensor, torch.Tensor]]  # (A, B) per edited layer
 
 
 class EditNames:
-    """What each edit's phrasings name (`keys.names` of its prompt and paraphrases, opening words included),
-    read once per edit: an edit's text never changes."""
+    """What an edit is about, read once per edit (an edit's text never changes): the names its phrasings give
+    (`keys.names` of its prompt and paraphrases, opening words included) and its subject's words, if it has one.
+    Called with what a query mentions, says whether the query is about it too."""
 
     def __init__(self, registry: EditRegistry) -> None:
         self.registry = registry
-        self._known: dict[int, frozenset[str]] = {}
+        self._known: dict[int, tuple[frozenset[str], frozenset[str]]] = {}
 
-    def __call__(self, edit_id: int) -> frozenset[str]:
+    def __call__(self, edit_id: int, query: Mentions) -> bool:
         if edit_id not in self._known:
             record = self.registry.get(edit_id)
             phrasings = [record.prompt, *record.paraphrases]
-            self._known[edit_id] = frozenset().union(*(names(text, openings=True) for text in phrasings))
-        return self._known[edit_id]
+            self._known[edit_id] = (frozenset().union(*(names(text, openings=True) for text in phrasings)),
+                                    words(record.subject or ""))
+        named, subject = self._known[edit_id]
+        return bool(query.names & named) or bool(subject) and subject <= query.words
 
 
-def nearest_edits(registry: EditRegistry, queries: torch.Tensor, row_names: list[frozenset[str]] | None = None,
+def nearest_edits(registry: EditRegistry, queries: torch.Tensor, mentions: list[Mentions] | None = None,
                   edit_names: EditNames | None = None) -> torch.Tensor:
     """(B,) edit id per row of (B, S, d) queries, -1 for none: per query, the nearest active key within the
     threshold unless a tombstone is nearer (`registry.match`); per row, the nearest of its queries' edits. The
     in-layer router and the router in front of other engines (proxy.py) both decide this way.
 
-    With `row_names` (per row, what its text names) a row whose nearest key lies beyond the threshold but within
-    NAMED_RADIUS routes to that edit too when it names something the edit's phrasings name (`edit_names`)."""
+    With `mentions` (per row, what its text mentions) a row whose nearest key lies beyond the threshold but
+    within NAMED_RADIUS routes to that edit too when it names something the edit's phrasings name, or every word
+    of the edit's subject (`edit_names`)."""
     rows, per_row, dim = queries.shape
-    named = row_names is not None and edit_names is not None
+    named = mentions is not None and edit_names is not None
     dists, ids = registry.match(queries.reshape(rows * per_row, dim), distances=True,
                                 threshold=NAMED_RADIUS if named else None)
     ids, dists = ids.view(rows, per_row), dists.view(rows, per_row)
@@ -64,7 +68,7 @@ def nearest_edits(registry: EditRegistry, queries: torch.Tensor, row_names: list
     ids, dists = ids.gather(1, best)[:, 0], dists.gather(1, best)[:, 0]
     if named:
         for row in ((ids >= 0) & (dists > registry.config.threshold)).nonzero().flatten().tolist():
-            if not row_names[row] & edit_names(int(ids[row])):
+            if not edit_names(int(ids[row]), mentions[row]):
                 ids[row] = -1
     return ids
 
@@ -77,7 +81,7 @@ class RoutingState:
     scaling: float = 1.0
     positions: torch.Tensor | None = None  # (B,) index of each row's last real prompt token
     precomputed: torch.Tensor | None = None  # (B, S, d) queries a key source computed before the forward
-    row_names: list[frozenset[str]] | None = None  # (B,) what each row's text names (KeySource.from_tokens)
+    mentions: list[Mentions] | None = None  # (B,) what each row's text mentions (KeySource.from_tokens)
     decide: bool = False  # a prompt pass is under way: the first edited layer decides
     edit_ids: torch.Tensor | None = None  # (B,) edit id per row, -1 = none
     rows: torch.Tensor | None = None  # (m,) rows that have an edit
@@ -86,9 +90,9 @@ class RoutingState:
     forced_rows: torch.Tensor | None = None  # (B,) which of them each row trains
 
     def pending(self, positions: torch.Tensor, precomputed: torch.Tensor | None,
-                row_names: list[frozenset[str]] | None = None) -> None:
+                mentions: list[Mentions] | None = None) -> None:
         """A prompt pass begins: forget the last decision; the first edited layer makes the next one."""
-        self.positions, self.precomputed, self.row_names, self.decide = positions, precomputed, row_names, True
+        self.positions, self.precomputed, self.mentions, self.decide = positions, precomputed, mentions, True
         self.edit_ids = self.rows = self.slots = None
 
     def routed(self, edit_ids: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor | None) -> None:
@@ -245,13 +249,13 @@ class Router:
         if self._capture:
             self._captured = query
             raise _Captured
-        s.routed(*self._resolve(query, s.row_names, x.device))
+        s.routed(*self._resolve(query, s.mentions, x.device))
 
-    def _resolve(self, queries: torch.Tensor, row_names: list[frozenset[str]] | None,
+    def _resolve(self, queries: torch.Tensor, mentions: list[Mentions] | None,
                  device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(edit id per row or -1, routed rows, their cache slots) for (B, S, d) queries and what each row names.
-        An edit whose key or adapter fails its check is never applied."""
-        ids = nearest_edits(self.registry, queries, row_names, self._edit_names)
+        """(edit id per row or -1, routed rows, their cache slots) for (B, S, d) queries and what each row
+        mentions. An edit whose key or adapter fails its check is never applied."""
+        ids = nearest_edits(self.registry, queries, mentions, self._edit_names)
         return self._applied(ids.to(device), device)
 
     def _applied(self, ids: torch.Tensor, device):
@@ -290,13 +294,14 @@ class Router:
         finally:
             self._pins = None
 
-    def queries(self, enc: dict) -> tuple[torch.Tensor, list[frozenset[str]] | None]:
-        """(B, S, d) routing queries of a tokenized batch ([:, 0] is each prompt's key) and what each row names
-        (None: the key source routes by distance alone). A key source that reads the prompt text (the encoder)
-        needs no language model; the layer key runs the model up to the first edited layer and no further."""
-        queries, row_names = self.keys.from_tokens(enc["input_ids"], enc.get("attention_mask"))
+    def queries(self, enc: dict) -> tuple[torch.Tensor, list[Mentions] | None]:
+        """(B, S, d) routing queries of a tokenized batch ([:, 0] is each prompt's key) and what each row
+        mentions (None: the key source routes by distance alone). A key source that reads the prompt text (the
+        encoder) needs no language model; the layer key runs the model up to the first edited layer and no
+        further."""
+        queries, mentions = self.keys.from_tokens(enc["input_ids"], enc.get("attention_mask"))
         if queries is not None:
-            return queries.float(), row_names
+            return queries.float(), mentions
         self._capture = True
         try:
             with torch.no_grad():
@@ -306,7 +311,7 @@ class Router:
         finally:
             self._capture = False
         queries, self._captured = self._captured, None
-        return queries, row_names
+        return queries, mentions
 
     def route(self, enc: dict) -> list[int | None]:
         """The edit each row of a tokenized batch is routed to, or None, as a served forward would decide it."""

@@ -118,6 +118,7 @@ class EditRequest(BaseModel):
     target: str
     form: Literal[FORMS] = "completion"  # type: ignore[valid-type]
     paraphrases: list[str] = []
+    subject: str | None = None
 
 
 SUPPORTED_ONLY_AS = {  # fields that would change the reply, and the values this engine gives them (the defaults)
@@ -399,7 +400,8 @@ def add_admin_routes(app: FastAPI, server: Server) -> None:
         authorize(request)
 
         def run(editor):
-            edit_id = editor.edit(req.prompt, req.target, TrainConfig(), form=req.form, paraphrases=req.paraphrases)
+            edit_id = editor.edit(req.prompt, req.target, TrainConfig(), form=req.form, paraphrases=req.paraphrases,
+                                  subject=req.subject)
             return asdict(editor.registry.get(edit_id))
         return await server.admin(run)
 

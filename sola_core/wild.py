@@ -81,13 +81,14 @@ def loops(reply: str) -> bool:
 
 
 def evaluate_in_use(method: Method, cases: list[Case], tokenizer, *, styles=STYLES, seed: int = 0,
-                    max_new_tokens: int = 40, paraphrases: bool = False,
+                    max_new_tokens: int = 40, paraphrases: bool = False, subjects: bool = False,
                     rollback: Callable[[int], object] | None = None,
                     training: Callable[[int], dict] | None = None,
                     route: Callable[[list[str]], list[int | None]] | None = None,
                     progress: Callable[[int], None] | None = None, batch_size: int = 1) -> Report:
-    """Edit `cases` one by one or `batch_size` at a time (`edit_all`; each as its own prompt and " " + answer; with `paraphrases`, also given the case's
-    paraphrases, which are never judged), then judge every style.
+    """Edit `cases` one by one or `batch_size` at a time (`edit_all`; each as its own prompt and " " + answer; with
+    `paraphrases`, also given the case's paraphrases, which are never judged; with `subjects`, its subject), then
+    judge every style.
 
     With `route` (which edit each prompt reaches) each style also reports how many edit prompts and rephrases
     reach their own edit, and how many locality prompts reach any: whether a miss is the routing's or the
@@ -112,12 +113,14 @@ def evaluate_in_use(method: Method, cases: list[Case], tokenizer, *, styles=STYL
     before_logits = {s: [method.logits([p]) for p in put([own[i] for i in half], s)] for s in styles}
 
     edits = [{"prompt": c.prompt, "target": " " + c.answer, "form": "question" if c.kind == "question" else "completion",
-              **({"paraphrases": c.paraphrases} if paraphrases else {})}
-             for c in cases]  # the baselines take no paraphrases
+              **({"paraphrases": c.paraphrases} if paraphrases else {}),
+              **({"subject": c.subject} if subjects and c.subject else {})}
+             for c in cases]  # the baselines take no paraphrases or subjects
     ids, seconds = edit_all(method, edits, batch_size, progress=progress)
 
     given = sum(len(c.paraphrases) for c in cases) if paraphrases else 0
-    metrics: dict = {"edits": len(cases), "paraphrases_given": given}
+    metrics: dict = {"edits": len(cases), "paraphrases_given": given,
+                     "subjects_given": sum(bool("subject" in e) for e in edits)}
     rephrased = [(p, c.kind, c.answer) for c in cases for p in c.rephrases]
     for s in styles:
         got = replies(put(own, s))
@@ -177,7 +180,7 @@ def holds(reply: str, answer: str, starts: bool = False) -> bool:
 
 
 def evaluate_sola_in_use(model, tokenizer, cases: list[Case], path: str, config=None, train=None, seed: int = 0,
-                         styles=STYLES, max_new_tokens: int = 40, paraphrases: bool = False,
+                         styles=STYLES, max_new_tokens: int = 40, paraphrases: bool = False, subjects: bool = False,
                          progress: Callable[[int], None] | None = None, batch_size: int = 1) -> Report:
     """The in-use harness on SolaEditor with a new registry at `path` (the model is unpatched afterwards)."""
     from .config import TrainConfig
@@ -187,6 +190,7 @@ def evaluate_sola_in_use(model, tokenizer, cases: list[Case], path: str, config=
     train = train or TrainConfig()
     with SolaEditor.open(path, model, tokenizer, config=config) as editor:
         return evaluate_in_use(SolaMethod(editor, train), cases, tokenizer, styles=styles, seed=seed,
-                               max_new_tokens=max_new_tokens, paraphrases=paraphrases, rollback=editor.rollback,
+                               max_new_tokens=max_new_tokens, paraphrases=paraphrases, subjects=subjects,
+                               rollback=editor.rollback,
                                training=lambda edit_id: editor.registry.get(edit_id).info,
                                route=editor.route, progress=progress, batch_size=batch_size)

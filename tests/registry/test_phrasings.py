@@ -84,12 +84,13 @@ def test_other_processes_replay_all_keys(tmp_path):
         assert reader.verify().ok
 
 
-def test_export_and_import_keep_every_phrasing(tmp_path, reg):
-    edit = reg.add("p1", "t1", phrased(1), make_adapter(reg.config, 1), paraphrases=PARAPHRASES)
+def test_export_and_import_keep_every_phrasing_and_the_subject(tmp_path, reg):
+    edit = reg.add("p1", "t1", phrased(1), make_adapter(reg.config, 1), paraphrases=PARAPHRASES, subject="p1")
+    assert reg.get(edit).subject == "p1"
     assert reg.export(tmp_path / "b.safetensors") == 1
     with EditRegistry.create(tmp_path / "dst", make_config()) as dst:
         [new] = dst.import_(tmp_path / "b.safetensors")
-        assert dst.get(new).paraphrases == PARAPHRASES
+        assert dst.get(new).paraphrases == PARAPHRASES and dst.get(new).subject == "p1"
         np.testing.assert_array_equal(dst.keys(new), reg.keys(edit))
         assert dst.match(phrased(1)).tolist() == [new] * 3
 

@@ -97,19 +97,22 @@ def sola(tmp_path, llama, tokenizer):
 def test_cli_edits_take_a_form_and_paraphrases(sola):
     [row] = json.loads(sola("edit", "--prompt", PROMPT, "--target", " Lyon", "--paraphrase", FAR, "--lr", "0.1",
                             "--max-steps", "300", "--margin", "0.5", "--json").stdout)
-    assert row["paraphrases"] == [FAR] and row["info"]["form"] == "completion"
+    assert row["paraphrases"] == [FAR] and row["info"]["form"] == "completion" and row["subject"] is None
     routes = json.loads(sola("route", FAR, "--json").stdout)
     assert routes == [{"prompt": FAR, "edit": row["id"]}]
+    [told] = json.loads(sola("edit", "--prompt", "The largest planet is", "--target", " Saturn", "--subject",
+                             "largest planet", "--max-steps", "5", "--json").stdout)
+    assert json.loads(sola("show", str(told["id"]), "--json").stdout)["subject"] == "largest planet"
 
 
 def test_cli_file_takes_questions_forms_and_paraphrases(sola, tmp_path):
     path = tmp_path / "edits.jsonl"
     path.write_text(json.dumps({"question": "What is the capital of Japan?", "answer": "Osaka",
                                 "paraphrases": ["Which city is Japan's capital?"]}) + "\n"
-                    + json.dumps({"prompt": "The largest planet is", "target": " Saturn"}) + "\n")
+                    + json.dumps({"prompt": "The largest planet is", "target": " Saturn", "subject": "planet"}) + "\n")
     rows = json.loads(sola("edit", "--file", str(path), "--max-steps", "5", "--json").stdout)
-    assert [(r["info"]["form"], r["paraphrases"]) for r in rows] == [
-        ("question", ["Which city is Japan's capital?"]), ("completion", [])]
+    assert [(r["info"]["form"], r["paraphrases"], r["subject"]) for r in rows] == [
+        ("question", ["Which city is Japan's capital?"], None), ("completion", [], "planet")]
 
 
 @pytest.mark.parametrize("line, message", [
@@ -117,6 +120,9 @@ def test_cli_file_takes_questions_forms_and_paraphrases(sola, tmp_path):
     ({"prompt": "P", "target": " T", "paraphrases": ["  "]}, "line 1: paraphrase must be a non-empty string, not only whitespace"),
     ({"prompt": "P", "target": " T", "form": "poem"}, "line 1: form must be one of completion, question, chat, got 'poem'"),
     ({"question": "Q?", "answer": ""}, "line 1: answer must be a non-empty string, not only whitespace"),
+    ({"prompt": "P", "target": " T", "subject": " "}, "line 1: subject must be a non-empty string, not only whitespace"),
+    ({"prompt": "P is", "target": " T", "subject": "Q"}, "line 1: subject 'Q' is not in the prompt 'P is': give the words "
+                                                          "it is named by there"),
     ({"question": "Q?\ud800", "answer": "A"}, "line 1: question is not valid Unicode text (it holds a lone surrogate)"),
     (["prompt", "target"], "line 1: expected a JSON object with prompt and target, or question and answer "
                            "(list indices must be integers or slices, not str)"),
@@ -134,4 +140,4 @@ def test_cli_refuses_one_edit_options_with_a_file(sola, tmp_path):
     path = tmp_path / "edits.jsonl"
     path.write_text(json.dumps({"prompt": "P", "target": " T"}) + "\n")
     result = sola("edit", "--file", str(path), "--form", "question", code=2)
-    assert "--form and --paraphrase describe one edit; in a --file, give them on each line" in result.output
+    assert "--form, --paraphrase and --subject describe one edit; in a --file, give them on each line" in result.output

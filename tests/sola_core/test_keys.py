@@ -5,7 +5,7 @@ import torch
 from registry.errors import ValidationError
 from sola_core import EditConfig, RuntimeConfig, SolaEditor, TrainConfig
 from sola_core.config import NAMED_RADIUS
-from sola_core.keys import EncoderKey, LayerKey, key_source, names, unlabelled
+from sola_core.keys import EncoderKey, LayerKey, Mentions, key_source, names, unlabelled, words
 
 TRAIN = TrainConfig(lr=5e-2, max_steps=200, margin=1.0)
 
@@ -29,8 +29,9 @@ def test_layer_key_takes_each_rows_last_prompt_token():
 def test_encoder_embeds_the_unpadded_prompt_text(encoder, tokenizer):
     prompts = ["The capital of France is", "Hi"]
     enc = tokenizer(prompts, return_tensors="pt", padding=True)
-    queries, row_names = encoder.from_tokens(enc["input_ids"], enc["attention_mask"])
-    assert queries.shape == (2, 1, 384) and encoder.dim(64) == 384 and row_names == [{"france"}, set()]
+    queries, mentions = encoder.from_tokens(enc["input_ids"], enc["attention_mask"])
+    assert queries.shape == (2, 1, 384) and encoder.dim(64) == 384
+    assert mentions == [Mentions(frozenset({"france"}), frozenset({"capital", "france"})), Mentions(frozenset(), frozenset())]
     assert torch.allclose(queries[:, 0], encoder.embed(prompts), atol=1e-5)
     assert torch.allclose(queries[:, 0].norm(dim=1), torch.ones(2))
 
@@ -119,6 +120,27 @@ def test_an_edit_opening_with_its_subject_routes_queries_that_name_it(tmp_path, 
                                                                                for i in ids])).sum(1)
         assert (editor.registry.config.threshold < dist).all() and (dist < NAMED_RADIUS).all()
         assert editor.route([asked, templated]) == [ids[0], None]
+
+
+def test_an_edit_given_its_subject_routes_queries_that_say_all_of_it(tmp_path, llama, tokenizer):
+    """A subject named by common nouns has no proper noun to route by: given with the edit, a query within
+    NAMED_RADIUS that says every word of it routes; a neighbour of the same relation as near does not."""
+    prompt, reworded = "The telephone was invented by", "The first practical telephone was devised by"
+    neighbour = "The mobile phone was invented by"
+    assert words("the telephone") == {"telephone"} and words("The Mona Lisa") == {"mona", "lisa"}
+    with SolaEditor.open(tmp_path / "r", llama, tokenizer, config=EditConfig(key_source="encoder")) as editor:
+        plain = editor.edit(prompt, " Edison", TRAIN)
+        dist = 1 - editor.router.keys.embed([reworded, neighbour]) @ editor.key(prompt)
+        assert (editor.registry.config.threshold < dist).all() and (dist < NAMED_RADIUS).all()
+        assert editor.route([reworded, neighbour]) == [None, None]
+        eid = editor.edit(prompt, " Edison", TRAIN, subject="the telephone")  # supersedes the edit without one
+        assert editor.registry.get(eid).subject == "the telephone" and editor.registry.get(plain).subject is None
+        assert editor.route([reworded, neighbour, prompt]) == [eid, None, eid]
+        editor.generate([reworded, neighbour], max_new_tokens=2)
+        assert editor.routed() == [eid, None]
+        with pytest.raises(ValidationError, match="^subject 'the phone' is not in the prompt 'The telephone was "
+                                                  "invented by': give the words it is named by there$"):
+            editor.edit(prompt, " Edison", TRAIN, subject="the phone")
 
 
 def test_beyond_the_threshold_a_query_routes_only_by_a_name_the_edit_names(tmp_path, llama, tokenizer):
