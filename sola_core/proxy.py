@@ -34,7 +34,7 @@ from registry.errors import CorruptEdit
 from registry.peft_format import adapter_name
 
 from .keys import EncoderKey
-from .routing import EditNames, nearest_edits
+from .routing import EditMentions, nearest_edits
 from .server import APIError, Message, add_error_handlers, chat_text
 
 log = logging.getLogger(__name__)
@@ -87,14 +87,14 @@ class TextRouter:
             raise ValidationError(f"routing in front of other engines needs a registry with the encoder key source; "
                                   f"this one uses {registry.config.key_source!r} (the language model's own states)")
         self.registry, self.tokenizer, self.keys = registry, tokenizer, keys
-        self.edit_names = EditNames(registry)
+        self.edit_mentions = EditMentions(registry)
         self.adapter_dir, self.base_model = (Path(adapter_dir) if adapter_dir else None), base_model
 
     def edit_for(self, text: str) -> int | None:
         self.registry.refresh()  # edits and rollbacks made by other processes since the last request
         enc = self.tokenizer([text], return_tensors="pt")
         queries, mentions = self.keys.from_tokens(enc["input_ids"], enc.get("attention_mask"))  # (1, S, d)
-        edit = int(nearest_edits(self.registry, queries.float(), mentions, self.edit_names)[0])
+        edit = int(nearest_edits(self.registry, queries.float(), mentions, self.edit_mentions)[0])
         return None if edit < 0 else edit
 
     def adapter(self, edit_id: int) -> str | None:

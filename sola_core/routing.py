@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 Adapter = list[tuple[torch.Tensor, torch.Tensor]]  # (A, B) per edited layer
 
 
-class EditNames:
+class EditMentions:
     """What an edit is about, read once per edit (an edit's text never changes): the names its phrasings give
     (`keys.names` of its prompt and paraphrases, opening words included) and its subject's words, if it has one.
     Called with what a query mentions, says whether the query is about it too."""
@@ -51,16 +51,16 @@ class EditNames:
 
 
 def nearest_edits(registry: EditRegistry, queries: torch.Tensor, mentions: list[Mentions] | None = None,
-                  edit_names: EditNames | None = None) -> torch.Tensor:
+                  edit_mentions: EditMentions | None = None) -> torch.Tensor:
     """(B,) edit id per row of (B, S, d) queries, -1 for none: per query, the nearest active key within the
     threshold unless a tombstone is nearer (`registry.match`); per row, the nearest of its queries' edits. The
     in-layer router and the router in front of other engines (proxy.py) both decide this way.
 
     With `mentions` (per row, what its text mentions) a row whose nearest key lies beyond the threshold but
     within NAMED_RADIUS routes to that edit too when it names something the edit's phrasings name, or every word
-    of the edit's subject (`edit_names`)."""
+    of the edit's subject (`edit_mentions`)."""
     rows, per_row, dim = queries.shape
-    named = mentions is not None and edit_names is not None
+    named = mentions is not None and edit_mentions is not None
     dists, ids = registry.match(queries.reshape(rows * per_row, dim), distances=True,
                                 threshold=NAMED_RADIUS if named else None)
     ids, dists = ids.view(rows, per_row), dists.view(rows, per_row)
@@ -68,7 +68,7 @@ def nearest_edits(registry: EditRegistry, queries: torch.Tensor, mentions: list[
     ids, dists = ids.gather(1, best)[:, 0], dists.gather(1, best)[:, 0]
     if named:
         for row in ((ids >= 0) & (dists > registry.config.threshold)).nonzero().flatten().tolist():
-            if not edit_names(int(ids[row]), mentions[row]):
+            if not edit_mentions(int(ids[row]), mentions[row]):
                 ids[row] = -1
     return ids
 
@@ -219,7 +219,7 @@ class Router:
         self._capture = False
         self._captured: torch.Tensor | None = None
         self._pins: torch.Tensor | None = None  # (B,) edits given by name instead of routed (`pinned`)
-        self._edit_names = EditNames(registry)
+        self._edit_mentions = EditMentions(registry)
         registry.on_change(self._on_change)
         self._passes = PromptPasses(model, self._on_prompt)
 
@@ -255,7 +255,7 @@ class Router:
                  device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(edit id per row or -1, routed rows, their cache slots) for (B, S, d) queries and what each row
         mentions. An edit whose key or adapter fails its check is never applied."""
-        ids = nearest_edits(self.registry, queries, mentions, self._edit_names)
+        ids = nearest_edits(self.registry, queries, mentions, self._edit_mentions)
         return self._applied(ids.to(device), device)
 
     def _applied(self, ids: torch.Tensor, device):

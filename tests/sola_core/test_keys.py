@@ -143,7 +143,7 @@ def test_an_edit_given_its_subject_routes_queries_that_say_all_of_it(tmp_path, l
             editor.edit(prompt, " Edison", TRAIN, subject="the phone")
 
 
-def test_beyond_the_threshold_a_query_routes_only_by_a_name_the_edit_names(tmp_path, llama, tokenizer):
+def test_beyond_the_threshold_a_query_routes_only_by_a_name_the_edit_mentions(tmp_path, llama, tokenizer):
     """Within NAMED_RADIUS: the rewording names Japan as the edit does and routes; the other query, as near, names
     something else ("Japanese") and does not; a neighbour naming Portugal lies far beyond. In-layer too."""
     prompt, reworded = "The capital of Japan is", "The national capital of the island nation of Japan is"
