@@ -100,7 +100,8 @@ class SolaEditor:
         served through the model's chat template. `paraphrases` are other phrasings of the same fact: each
         becomes a routing key of this edit and a training example of its adapter. `subject` is what the fact is
         about, in the prompt's words ("the telephone" in "The telephone was invented by"): a query that says it
-        routes to the edit from farther away (within NAMED_RADIUS), as one naming the prompt's proper nouns does.
+        routes to the edit from farther away (within NAMED_RADIUS), as one naming the prompt's proper nouns does,
+        when it also asks what the edit asks (not another fact about the same subject).
         """
         edit = {"prompt": prompt, "target": target, "form": form, "paraphrases": paraphrases, "subject": subject}
         return self.edit_many([edit], train)[0]

@@ -112,8 +112,9 @@ class EncoderKey:
             self.bf16 = self.dtype == "bfloat16" or (self.dtype == "auto" and native_bf16(device))
 
     @torch.inference_mode()
-    def embed(self, texts: list[str], device: torch.device | str = "cpu") -> torch.Tensor:
-        device = torch.device(device)
+    def embed(self, texts: list[str], device: torch.device | str | None = None) -> torch.Tensor:
+        """(B, d) unit embeddings, on `device` (None: where the encoder is, the CPU at first)."""
+        device = torch.device(device) if device is not None else self._device or torch.device("cpu")
         self._move(device)
         enc = self.tokenizer(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
         enc = {k: v.to(device) for k, v in enc.items()}
@@ -138,8 +139,7 @@ class EncoderKey:
         pad the shorter rows (they find nothing). A question put after an instruction ("Please answer the
         question:\n\nQ: ...\nA:") then still meets its key through its own line; the whole text comes first, and
         is the key an edit stores."""
-        parts = [[text, *lines] if len(lines := [line for line in map(unlabelled, text.splitlines()) if line]) > 1
-                 else [text] for text in texts]
+        parts = [asked_parts(text) for text in texts]
         embedded = self.embed([part for row in parts for part in row], device)  # (sum S_i, d)
         out = embedded.new_full((len(texts), max(map(len, parts)), embedded.shape[1]), float("nan"))
         start = 0
@@ -170,6 +170,12 @@ def unlabelled(line: str) -> str:
     edit's key holds, and a bare "A:" as nothing."""
     line = line.strip()
     return line[m.end():].strip() if (m := LABEL.match(line)) else line
+
+
+def asked_parts(text: str) -> list[str]:
+    """What of a query's text is embedded: the whole text, then, for several lines, each line without its label."""
+    lines = [line for line in map(unlabelled, text.splitlines()) if line]
+    return [text, *lines] if len(lines) > 1 else [text]
 
 
 WORD = re.compile(r"[^\W_]+")
@@ -206,16 +212,36 @@ def words(text: str) -> frozenset[str]:
     return frozenset(w for w in map(str.lower, WORD.findall(text)) if w not in OPENERS)
 
 
+SUFFIX = re.compile(r"(?:ings?|ed|ers?|ors?|ions?|ly|es|s|e)$")
+
+
+def asks(text: str, about: frozenset[str]) -> frozenset[str]:
+    """What a text asks of what it is about: its words but the OPENERS, those in `about` and single letters, each
+    without a common suffix ("directed", "director": "direct")."""
+    return frozenset(SUFFIX.sub("", w) if len(w) > 4 else w for w in words(text) - about if len(w) > 1)
+
+
+RUN_OF_IT = re.compile(r"\bit(?:(?:\s+(?:and|of|the|de))?\s+it\b)+")  # "Saint Kitts and Nevis", read word by word
+
+
+def as_it(text: str, about: frozenset[str]) -> str:
+    """The text with the words in `about` (lowercased) read as one "it": what it asks, whoever it is about."""
+    marked = WORD.sub(lambda m: "it" if m.group(0).lower() in about else m.group(0), text)
+    return re.sub(r"\s+", " ", RUN_OF_IT.sub("it", marked)).strip()
+
+
 @dataclass(frozen=True)
 class Mentions:
-    """What a query's text mentions, for routing within NAMED_RADIUS: its `names`, and all its `words`."""
+    """What a query's text mentions, for routing within NAMED_RADIUS: its `names`, all its `words`, and the text
+    itself (routing.EditMentions compares what it asks with an edit's phrasings)."""
 
     names: frozenset[str]
     words: frozenset[str]
+    text: str
 
     @classmethod
     def of(cls, text: str) -> "Mentions":
-        return cls(names(text), words(text))
+        return cls(names(text), words(text), text)
 
 
 def key_source(name: str, tokenizer=None, encoder_dtype: str = "auto") -> KeySource:

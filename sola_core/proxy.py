@@ -87,7 +87,7 @@ class TextRouter:
             raise ValidationError(f"routing in front of other engines needs a registry with the encoder key source; "
                                   f"this one uses {registry.config.key_source!r} (the language model's own states)")
         self.registry, self.tokenizer, self.keys = registry, tokenizer, keys
-        self.edit_mentions = EditMentions(registry)
+        self.edit_mentions = EditMentions(registry, keys.embed)
         self.adapter_dir, self.base_model = (Path(adapter_dir) if adapter_dir else None), base_model
 
     def edit_for(self, text: str) -> int | None:

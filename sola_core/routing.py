@@ -23,8 +23,8 @@ from registry import AdapterCache, EditRegistry
 from registry.errors import CorruptEdit
 
 from .generation import with_positions
-from .config import NAMED_RADIUS
-from .keys import KeySource, Mentions, names, words
+from .config import NAMED_RADIUS, RELATION_RADIUS
+from .keys import KeySource, Mentions, as_it, asked_parts, asks, names, words
 
 log = logging.getLogger(__name__)
 
@@ -32,22 +32,45 @@ Adapter = list[tuple[torch.Tensor, torch.Tensor]]  # (A, B) per edited layer
 
 
 class EditMentions:
-    """What an edit is about, read once per edit (an edit's text never changes): the names its phrasings give
-    (`keys.names` of its prompt and paraphrases, opening words included) and its subject's words, if it has one.
-    Called with what a query mentions, says whether the query is about it too."""
+    """What an edit is about and what it asks, read once per edit (an edit's text never changes): the names its
+    phrasings give (`keys.names` of its prompt and paraphrases, opening words included), its subject's words if
+    it has one, and the phrasings themselves. Called with what a query mentions, says whether the query asks the
+    edit's question: it names what the edit names (or says all of its subject), and, with those words read as
+    "it", asks the same of it (`asks_the_same`). Another relation of the same subject ("The capital of Romania
+    is" beside an edit of "Romania is located on the continent of") names it too, and asks something else.
 
-    def __init__(self, registry: EditRegistry) -> None:
-        self.registry = registry
-        self._known: dict[int, tuple[frozenset[str], frozenset[str]]] = {}
+    `embed` (the encoder key source's) compares what is asked by embedding; without it only a shared word does."""
+
+    def __init__(self, registry: EditRegistry, embed: Callable[[list[str]], torch.Tensor] | None = None) -> None:
+        self.registry, self.embed = registry, embed
+        self._known: dict[int, tuple[list[str], frozenset[str], frozenset[str]]] = {}
 
     def __call__(self, edit_id: int, query: Mentions) -> bool:
         if edit_id not in self._known:
             record = self.registry.get(edit_id)
             phrasings = [record.prompt, *record.paraphrases]
-            self._known[edit_id] = (frozenset().union(*(names(text, openings=True) for text in phrasings)),
+            self._known[edit_id] = (phrasings, frozenset().union(*(names(t, openings=True) for t in phrasings)),
                                     words(record.subject or ""))
-        named, subject = self._known[edit_id]
-        return bool(query.names & named) or bool(subject) and subject <= query.words
+        phrasings, named, subject = self._known[edit_id]
+        said = subject if subject and subject <= query.words else frozenset()
+        if not (query.names & named or said):
+            return False
+        return self.asks_the_same(phrasings, query.text, (query.words & named) | said)
+
+    def asks_the_same(self, phrasings: list[str], text: str, about: frozenset[str]) -> bool:
+        """Whether `text` asks what one of `phrasings` asks once the words `about` are taken out: a word in
+        common beyond them ("capital" in "Japan's capital city is" and "The capital of Japan is"; "directed" and
+        "director" count as one), or, read as "it", embeddings within RELATION_RADIUS ("Where is it?" beside "it
+        can be found in")."""
+        asked = asks(text, about)
+        if any(asked & asks(phrasing, about) for phrasing in phrasings):
+            return True
+        if self.embed is None:
+            return False
+        mine = [as_it(phrasing, about) for phrasing in phrasings]
+        theirs = [as_it(part, about) for part in asked_parts(text)]
+        embedded = self.embed(mine + theirs)  # unit rows
+        return bool((1 - embedded[len(mine):] @ embedded[:len(mine)].T <= RELATION_RADIUS).any())
 
 
 def nearest_edits(registry: EditRegistry, queries: torch.Tensor, mentions: list[Mentions] | None = None,
@@ -58,7 +81,7 @@ def nearest_edits(registry: EditRegistry, queries: torch.Tensor, mentions: list[
 
     With `mentions` (per row, what its text mentions) a row whose nearest key lies beyond the threshold but
     within NAMED_RADIUS routes to that edit too when it names something the edit's phrasings name, or every word
-    of the edit's subject (`edit_mentions`)."""
+    of the edit's subject, and asks what the edit asks (`edit_mentions`)."""
     rows, per_row, dim = queries.shape
     named = mentions is not None and edit_mentions is not None
     dists, ids = registry.match(queries.reshape(rows * per_row, dim), distances=True,
@@ -219,7 +242,7 @@ class Router:
         self._capture = False
         self._captured: torch.Tensor | None = None
         self._pins: torch.Tensor | None = None  # (B,) edits given by name instead of routed (`pinned`)
-        self._edit_mentions = EditMentions(registry)
+        self._edit_mentions = EditMentions(registry, getattr(keys, "embed", None))
         registry.on_change(self._on_change)
         self._passes = PromptPasses(model, self._on_prompt)
 

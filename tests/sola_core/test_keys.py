@@ -5,7 +5,7 @@ import torch
 from registry.errors import ValidationError
 from sola_core import EditConfig, RuntimeConfig, SolaEditor, TrainConfig
 from sola_core.config import NAMED_RADIUS
-from sola_core.keys import EncoderKey, LayerKey, Mentions, key_source, names, unlabelled, words
+from sola_core.keys import EncoderKey, LayerKey, Mentions, as_it, asks, key_source, names, unlabelled, words
 
 TRAIN = TrainConfig(lr=5e-2, max_steps=200, margin=1.0)
 
@@ -31,7 +31,8 @@ def test_encoder_embeds_the_unpadded_prompt_text(encoder, tokenizer):
     enc = tokenizer(prompts, return_tensors="pt", padding=True)
     queries, mentions = encoder.from_tokens(enc["input_ids"], enc["attention_mask"])
     assert queries.shape == (2, 1, 384) and encoder.dim(64) == 384
-    assert mentions == [Mentions(frozenset({"france"}), frozenset({"capital", "france"})), Mentions(frozenset(), frozenset())]
+    assert mentions == [Mentions(frozenset({"france"}), frozenset({"capital", "france"}), "The capital of France is"),
+                        Mentions(frozenset(), frozenset(), "Hi")]
     assert torch.allclose(queries[:, 0], encoder.embed(prompts), atol=1e-5)
     assert torch.allclose(queries[:, 0].norm(dim=1), torch.ones(2))
 
@@ -112,7 +113,8 @@ def test_names_are_the_proper_nouns_and_numbers_a_text_names():
 def test_an_edit_opening_with_its_subject_routes_queries_that_name_it(tmp_path, llama, tokenizer):
     """The edit's opening word is its subject: a question naming Stonehenge within NAMED_RADIUS routes to it; a
     query opening with the other edit's template word ("Record") names nothing, and stays with the base model."""
-    asked, templated = "Hey, do you know which country Stonehenge is in?", "Record stores file Radiohead under the genre"
+    asked, templated = "Tell me: the stone circle of Stonehenge is found in the country of", \
+        "Record stores file Radiohead under the genre"
     with SolaEditor.open(tmp_path / "r", llama, tokenizer, config=EditConfig(key_source="encoder")) as editor:
         ids = editor.edit_many([{"prompt": "Stonehenge can be found in", "target": " Peru"},
                                 {"prompt": "Record stores file Kraftwerk under the genre", "target": " jazz"}], TRAIN)
@@ -141,6 +143,26 @@ def test_an_edit_given_its_subject_routes_queries_that_say_all_of_it(tmp_path, l
         with pytest.raises(ValidationError, match="^subject 'the phone' is not in the prompt 'The telephone was "
                                                   "invented by': give the words it is named by there$"):
             editor.edit(prompt, " Edison", TRAIN, subject="the phone")
+
+
+def test_what_a_text_asks_is_its_words_but_its_subject_and_openers():
+    assert asks("Which filmmaker directed Citizen Kane?", frozenset({"citizen", "kane"})) == {"filmmak", "direct"}
+    assert asks("The director of Citizen Kane is", frozenset({"citizen", "kane"})) == {"direct"}
+    assert asks("Japan's capital is", frozenset({"japan"})) == {"capital"}  # no "s"
+    assert as_it("The capital of Saint Kitts and Nevis is", frozenset({"saint", "kitts", "nevis"})) == \
+        "The capital of it is"
+
+
+def test_a_query_naming_the_edits_subject_routes_only_when_it_asks_the_same(tmp_path, llama, tokenizer):
+    """Within NAMED_RADIUS, all three queries name Estonia as the edit does; only the one asking for its currency
+    routes. Another relation of the same subject keeps the base model's answer."""
+    prompt, reworded = "The currency of Estonia is the", "Shops in Estonia take payment in the currency called the"
+    others = ["The capital of Estonia is", "The official language of Estonia is"]
+    with SolaEditor.open(tmp_path / "r", llama, tokenizer, config=EditConfig(key_source="encoder")) as editor:
+        eid = editor.edit(prompt, " dollar", TRAIN)
+        dist = 1 - editor.router.keys.embed([reworded, *others]) @ editor.key(prompt)
+        assert (editor.registry.config.threshold < dist).all() and (dist < NAMED_RADIUS).all()
+        assert editor.route([reworded, *others]) == [eid, None, None]
 
 
 def test_beyond_the_threshold_a_query_routes_only_by_a_name_the_edit_mentions(tmp_path, llama, tokenizer):
