@@ -101,12 +101,13 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON i
 
 
 def training_options(command):
-    """What each new edit's adapter is trained on, how, and when training stops: eight options, one `train`
+    """What each new edit's adapter is trained on, how, and when training stops: nine options, one `train`
     (TrainConfig) argument; shared by edit and eval."""
     @functools.wraps(command)
-    def with_train(*args, lr, max_steps, margin, chat_form, qa_form, question_form, end_token, train_dtype, **kwargs):
-        train = TrainConfig(lr=lr, max_steps=max_steps, margin=margin, chat_form=chat_form, qa_form=qa_form,
-                            question_form=question_form, end_token=end_token, dtype=train_dtype)
+    def with_train(*args, lr, max_steps, margin, loss_margin, chat_form, qa_form, question_form, end_token,
+                   train_dtype, **kwargs):
+        train = TrainConfig(lr=lr, max_steps=max_steps, margin=margin, loss_margin=loss_margin, chat_form=chat_form,
+                            qa_form=qa_form, question_form=question_form, end_token=end_token, dtype=train_dtype)
         return command(*args, train=train, **kwargs)
 
     options = [
@@ -114,6 +115,8 @@ def training_options(command):
         click.option("--max-steps", type=int, default=TrainConfig.max_steps, show_default=True),
         click.option("--margin", type=float, default=TrainConfig.margin, show_default=True,
                      help="Stop once every target token leads the runner-up logit by this much."),
+        click.option("--loss-margin", type=float, default=TrainConfig.loss_margin, show_default=True,
+                     help="Train with each target's logit lowered by this much in the loss (0: plain cross-entropy)."),
         click.option("--chat-form/--no-chat-form", default=TrainConfig.chat_form, show_default=True,
                      help="Also train each edit as a chat exchange in the model's own template."),
         click.option("--qa-form/--no-qa-form", default=TrainConfig.qa_form, show_default=True,

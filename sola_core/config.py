@@ -25,7 +25,7 @@ NAMED_RADIUS = 0.35
 RELATION_RADIUS = 0.5
 FORMS = ("completion", "question", "chat")  # how an edit's prompt is asked (SolaEditor.edit)
 ENCODER_DTYPES = ("auto", "float32", "bfloat16")  # compute dtype of the encoder key source
-TRAIN_DTYPES = ("float32", "bfloat16")  # compute dtype of an edit's training forwards (TrainConfig.dtype)
+TRAIN_DTYPES = ("auto", "float32", "bfloat16")  # compute dtype of an edit's training forwards (TrainConfig.dtype)
 STYLES = ("bare", "instruct", "chat")  # how the in-use harness puts each prompt (wild.py)
 # How a question is framed as a QA exchange in training (TrainConfig.qa_form). Not the wording the in-use harness
 # asks with (wild.INSTRUCTIONS): an instruction the edit never saw is what users bring.
@@ -80,6 +80,11 @@ class TrainConfig:
         default=4.0, metadata={"help": "stop once every target token beats the runner-up logit by this much "
                                        "(a wider margin carries the edit over to reworded prompts, and costs steps)"}
     )
+    loss_margin: float = field(
+        default=8.0, metadata={"help": "train on cross-entropy with each target's logit lowered by this much, so the "
+                                       "loss keeps pushing until the target leads by about that; 0 = plain "
+                                       "cross-entropy, which fades near the stopping margin (README 'Bulk editing')"}
+    )
     seed: int = field(default=0, metadata={"help": "seed for the adapter's initial A matrix"})
     end_token: bool = field(default=True, metadata={"help": "train the target followed by the end-of-sequence "
                                                             "token, so that a reply stops after the new answer"})
@@ -94,11 +99,14 @@ class TrainConfig:
                                                                 "what?' -> ' Quito'): SmolLM2 ends its reply right "
                                                                 "after a question put without a chat template "
                                                                 "unless the adapter has seen one answered"})
-    dtype: str = field(default="float32", metadata={"help": "compute dtype of the training forwards: bfloat16 "
-                                                            "autocast is cheaper per step where the hardware has "
-                                                            "it; the adapter is kept and served in float32"})
+    dtype: str = field(default="auto", metadata={"help": "compute dtype of the training forwards: auto (bfloat16 "
+                                                         "where the hardware computes it natively, else float32), "
+                                                         "float32 or bfloat16; the adapter is kept and served in "
+                                                         "float32"})
 
     def __post_init__(self) -> None:
+        if self.loss_margin < 0:
+            raise ValidationError(f"loss margin must be >= 0, got {self.loss_margin}")
         if self.lr <= 0 or self.max_steps < 1:
             raise ValidationError(f"need lr > 0 and max_steps >= 1, got lr={self.lr} max_steps={self.max_steps}")
         if self.dtype not in TRAIN_DTYPES:

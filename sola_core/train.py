@@ -3,16 +3,19 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Callable, Iterator
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers.pytorch_utils import Conv1D
 
 from registry.types import adapter_names
 
 from .config import TrainConfig
+from .keys import native_bf16
 from .routing import RoutingState
 
 
@@ -72,10 +75,12 @@ class _Reached(Exception):
 
 
 @contextmanager
-def replaying(model: nn.Module, blocks: nn.ModuleList, below: int, inputs: dict) -> Iterator[Callable]:
+def replaying(model: nn.Module, blocks: nn.ModuleList, below: int, inputs: dict,
+              compute: Callable[[], object]) -> Iterator[Callable]:
     """Nothing below the first edited layer changes while adapters train, so blocks[:below] run once on `inputs`
-    and then replay: each step computes only the blocks from the edited one up (on SmolLM2, 6 of 30). Yields
-    `select(rows, length)`: the forwards that follow are given only those rows of `inputs`, that long."""
+    (inside `compute()`, the training forwards' autocast) and then replay: each step computes only the blocks
+    from the edited one up (on SmolLM2, 6 of 30). Yields `select(rows, length)`: the forwards that follow are
+    given only those rows of `inputs`, that long."""
     captured = {}
 
     def stop(module, args, out):
@@ -84,7 +89,7 @@ def replaying(model: nn.Module, blocks: nn.ModuleList, below: int, inputs: dict)
 
     hook = blocks[below - 1].register_forward_hook(stop)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), compute():
             model(**inputs)
     except _Reached:
         pass
@@ -114,6 +119,46 @@ def targets_only(model: nn.Module, where: dict) -> Iterator[None]:
     finally:
         if hook is not None:
             hook.remove()
+
+
+@contextmanager
+def weights_in(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
+    """The frozen model's matmul weights (linears, GPT-2's Conv1D, the output head) in `dtype` for the whole fit,
+    then the very float32 tensors back. Autocast would cast each frozen weight again at every call (it keeps casts
+    of trainable weights only): with bfloat16 on SmolLM2 that was a fifth of each step. Norms and biases stay as
+    they are, so each op computes as under autocast alone."""
+    weights = {id(m.weight): m.weight for m in model.modules() if isinstance(m, (nn.Linear, Conv1D))}
+    head = model.get_output_embeddings()
+    if head is not None:
+        weights[id(head.weight)] = head.weight  # tied to the input embeddings on many models: cast once
+    kept = [(w, w.data) for w in weights.values() if w.dtype == torch.float32]
+    try:
+        for w, data in kept:
+            w.data = data.to(dtype)
+        yield
+    finally:
+        for w, data in kept:
+            w.data = data
+
+
+def compute_dtype(cfg: TrainConfig, device: torch.device) -> str:
+    """What `cfg.dtype` means on `device`: "auto" is bfloat16 where it runs in hardware (`keys.native_bf16`)."""
+    return cfg.dtype if cfg.dtype != "auto" else "bfloat16" if native_bf16(device) else "float32"
+
+
+@contextmanager
+def computing(model: nn.Module, cfg: TrainConfig, device: torch.device) -> Iterator[Callable]:
+    """The training forwards' precision. Yields what each forward runs inside: bfloat16 autocast over weights
+    cast once (`weights_in`), and on the CPU the plain-math attention (its backward in bfloat16 is several times
+    faster there than the fused kernel's); in float32 nothing changes."""
+    if compute_dtype(cfg, device) != "bfloat16":
+        yield nullcontext
+        return
+    with ExitStack() as stack:
+        stack.enter_context(weights_in(model, torch.bfloat16))
+        if device.type == "cpu":
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        yield lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 class _Batch:
@@ -152,23 +197,27 @@ def fit(model: nn.Module, groups: list[list[Example]], params: list[torch.Tensor
 
     Teacher-forced argmax equal to the target at every target position means greedy generation produces
     exactly the target, so a group stops as soon as that holds for each of its examples with `cfg.margin` to spare.
-    With `cfg.dtype` bfloat16 the forwards (and so the margins) are autocast; the parameters stay float32.
+    In bfloat16 (`compute_dtype`) every forward (the replayed blocks' one too, and so the margins) runs in bfloat16
+    (`computing`); the parameters stay float32.
     """
     batch = _Batch(groups)
     where = {"rows": batch.rows, "positions": batch.positions}
     infos: list[dict] = [{} for _ in groups]
     start = time.perf_counter()
-    with replaying(model, *frozen, batch.inputs()) if frozen and frozen[1] > 0 else nullcontext() as take, \
-            targets_only(model, where):
+    with ExitStack() as stack:
+        compute = stack.enter_context(computing(model, cfg, batch.ids.device))
+        take = stack.enter_context(replaying(model, *frozen, batch.inputs(), compute)) \
+            if frozen and frozen[1] > 0 else None
+        stack.enter_context(targets_only(model, where))
         opt = torch.optim.Adam(params, lr=cfg.lr)
         active, steps, shown = list(range(len(groups))), 0, None
         while active:
             if active != shown:  # the batch as it now is: the rows of the groups still training
                 chunks, targets, group = _chunks(batch, active)
                 shown = list(active)
-            with torch.autocast(batch.ids.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
+            with compute():
                 logits = torch.cat([_forward(model, batch, chunk, where, take, select) for chunk in chunks])
-            margins, losses = _losses(logits, targets, group, len(active))
+            margins, losses = _losses(logits, targets, group, len(active), cfg.loss_margin)
             finished = [k for k, m in enumerate(margins) if m >= cfg.margin or steps >= cfg.max_steps]
             for k in finished:
                 g, m = active[k], margins[k]
@@ -229,13 +278,19 @@ def _forward(model, batch: _Batch, chunk: Chunk, where: dict, take, select) -> t
     return (logits if logits.dim() == 2 else logits[where["rows"], where["positions"]]).float()
 
 
-def _losses(logits: torch.Tensor, targets: torch.Tensor, group: torch.Tensor, count: int) -> tuple[list[float], torch.Tensor]:
+def _losses(logits: torch.Tensor, targets: torch.Tensor, group: torch.Tensor, count: int,
+            lowered: float) -> tuple[list[float], torch.Tensor]:
     """Each group's margin (the smallest lead of one of its target tokens' logit over the best other token; > 0:
-    greedy decoding yields its targets) and its mean cross-entropy over its target tokens."""
+    greedy decoding yields its targets) and its mean cross-entropy over its target tokens, each target's logit
+    first lowered by `lowered` (an additive-margin softmax): plain cross-entropy fades once a token is likely,
+    and then left the last tokens short of the stopping margin to crawl up, while the loss stays alive until every
+    target leads by about `lowered`."""
     detached = logits.detach()
     picked = detached.gather(1, targets[:, None]).squeeze(1)
     others = detached.scatter(1, targets[:, None], float("-inf")).max(dim=1).values
     margins = torch.full((count,), float("inf")).scatter_reduce(0, group.cpu(), (picked - others).cpu(), "amin")
+    if lowered:
+        logits = logits.scatter_add(1, targets[:, None], logits.new_full((len(targets), 1), -lowered))
     token_loss = F.cross_entropy(logits, targets, reduction="none")  # (N,)
     sums = torch.zeros(count, device=logits.device).index_add(0, group, token_loss)
     counts = torch.zeros(count, device=logits.device).index_add(0, group, torch.ones_like(token_loss))

@@ -5,10 +5,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from registry import EditRegistry
 from sola_core.cli import cli
+from sola_core.keys import native_bf16
 
 
 @pytest.fixture
@@ -216,8 +218,12 @@ def test_what_an_edit_trains_on_is_chosen_on_the_command_line(run, model_dir):
     plain = json.loads(run("edit", "--prompt", "Where does ice melt?", "--target", " Rome", "--no-qa-form",
                            "--max-steps", "5", "--json").stdout)[0]
     assert (asked["info"]["examples"], form["info"]["examples"], plain["info"]["examples"]) == (3, 3, 2)
-    # how it trains: bfloat16 autocast, or a clear error for a dtype it does not train in
+    # how it trains: bfloat16 autocast, float32, by default what the hardware computes natively; or a clear error
     half = json.loads(run(*EDIT, "--train-dtype", "bfloat16", "--json").stdout)[0]
-    assert (half["info"]["dtype"], both["info"]["dtype"]) == ("bfloat16", "float32")  # each record says how
+    full = json.loads(run(*EDIT, "--train-dtype", "float32", "--json").stdout)[0]
+    native = "bfloat16" if native_bf16(torch.device("cpu")) else "float32"
+    assert (half["info"]["dtype"], full["info"]["dtype"], both["info"]["dtype"]) == ("bfloat16", "float32", native)
     refused = run(*EDIT, "--train-dtype", "float16", ok=False)
-    assert refused.exit_code == 2 and "'float16' is not one of 'float32', 'bfloat16'" in refused.output
+    assert refused.exit_code == 2 and "'float16' is not one of 'auto', 'float32', 'bfloat16'" in refused.output
+    lowered = run(*EDIT, "--loss-margin", "-1", ok=False)
+    assert lowered.exit_code != 0 and "loss margin must be >= 0, got -1.0" in lowered.output

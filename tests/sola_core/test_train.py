@@ -50,16 +50,19 @@ def test_block_of_names_the_block_or_none(llama):
 def test_bfloat16_training_autocasts_the_forwards_and_keeps_a_float32_adapter(model, tokenizer):
     state, shapes, frozen = patched(model)
     batch = examples(tokenizer, [("The capital of France is", " Tokyo Rome")])
-    steps = TrainConfig(lr=0.1, max_steps=20, margin=100.0)  # always the full 20 steps
+    steps = TrainConfig(lr=0.1, max_steps=20, margin=100.0, dtype="float32")  # always the full 20 steps
+    before = {name: (p.data_ptr(), p.detach().clone()) for name, p in model.named_parameters()}
     [(full, _)] = train_adapters(model, state, shapes, [batch], 4, 4.0, steps, frozen)
     [(half, _)] = train_adapters(model, state, shapes, [batch], 4, 4.0, replace(steps, dtype="bfloat16"), frozen)
     assert all(t.dtype == torch.float32 for t in half.values())
     assert any(not torch.allclose(full[k], half[k], atol=1e-6) for k in full)  # the forwards really ran in bfloat16
+    for name, p in model.named_parameters():  # the weights cast for training are the very float32 tensors again
+        assert p.dtype == torch.float32 and p.data_ptr() == before[name][0] and torch.equal(p, before[name][1])
     [(_, info)] = train_adapters(model, state, shapes, [batch], 4, 4.0,
                                  TrainConfig(lr=0.1, max_steps=40, margin=0.5, dtype="bfloat16"), frozen)
     assert info["converged"] and not info["stopped_short"]
 
 
 def test_an_unknown_train_dtype_is_refused():
-    with pytest.raises(Exception, match="train dtype must be one of float32, bfloat16"):
+    with pytest.raises(Exception, match="train dtype must be one of auto, float32, bfloat16"):
         TrainConfig(dtype="float16")
