@@ -5,7 +5,7 @@ editing of the same facts, with peak memory; then one end-to-end load of --edits
     python bench/bulk_edit.py --edits 200      # a shorter end-to-end load
     python bench/bulk_edit.py --edits 0 --sizes 1,16 --sweep 32   # a shorter sweep
     python bench/bulk_edit.py --quick          # seconds (a tiny random Llama)
-    python bench/bulk_edit.py --lr 0.01 --train-dtype bfloat16   # training levers other than the defaults
+    python bench/bulk_edit.py --loss-margin 0 --train-dtype float32   # training levers other than the defaults
 
 Every configuration edits the same facts into a fresh registry in this one process; batch size 1 is one-by-one
 editing (`edit()` is `edit_many()` of one). Each batched edit must train the very adapter it trains alone, so
@@ -31,7 +31,9 @@ args = parse_args(__doc__, edits=(int, 1000, "facts loaded end to end at the def
                   sizes=(str, ",".join(map(str, SIZES)), "batch sizes of the sweep (comma-separated; 1 first)"),
                   sweep=(int, SWEEP, "facts edited at every batch size"),
                   lr=(float, None, "Adam learning rate (default: the library's)"),
-                  train_dtype=(str, None, "float32 or bfloat16 (default: the library's)"))
+                  loss_margin=(float, None, "the target logit lowered in the loss; 0: plain cross-entropy "
+                                            "(default: the library's)"),
+                  train_dtype=(str, None, "auto, float32 or bfloat16 (default: the library's)"))
 SIZES, SWEEP = [int(n) for n in args.sizes.split(",")], args.sweep
 if args.quick:
     SIZES, SWEEP, SINGLE, args.edits = [1, 4], 8, 2, min(args.edits, 8)
@@ -40,14 +42,17 @@ if args.quick:
 def main() -> None:
     from sola_core import EditConfig, SolaEditor, TrainConfig
     from sola_core.facts import counterfacts
+    from sola_core.train import compute_dtype
 
     model, tok = load_model_or_tiny(args.quick)
-    levers = {k: v for k, v in {"lr": args.lr, "dtype": args.train_dtype}.items() if v is not None}
+    levers = {k: v for k, v in {"lr": args.lr, "loss_margin": args.loss_margin, "dtype": args.train_dtype}.items()
+              if v is not None}
     train = TrainConfig(**{"lr": 0.1, "max_steps": 20, "margin": 0.5, **levers}) if args.quick else TrainConfig(**levers)
     facts = [{"prompt": f.prompt, "target": f.target} for f in counterfacts(max(SWEEP, SINGLE, args.edits), seed=0)]
     result = {"machine": machine(), "load_avg_start": os.getloadavg(), "sweep_edits": SWEEP, "sweep": [],
-              "lr": train.lr, "train_dtype": train.dtype}
-    print(f"load average {os.getloadavg()}; lr {train.lr}, train dtype {train.dtype}", flush=True)
+              "lr": train.lr, "loss_margin": train.loss_margin, "train_dtype": compute_dtype(train, model.device)}
+    print(f"load average {os.getloadavg()}; lr {train.lr}, loss margin {train.loss_margin}, "
+          f"train dtype {result['train_dtype']}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         def editor(name: str) -> SolaEditor:
             return SolaEditor.open(Path(tmp) / name, model, tok, config=EditConfig())

@@ -3,12 +3,13 @@ from dataclasses import replace
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 from sola_core.models import block_of, default_layers
 from sola_core.routing import RoutingState
 from sola_core.layer import SolaLayer, linear_shape
 from sola_core.config import TrainConfig
-from sola_core.train import train_adapters
+from sola_core.train import _losses, train_adapters
 
 
 def patched(model):
@@ -66,3 +67,18 @@ def test_bfloat16_training_autocasts_the_forwards_and_keeps_a_float32_adapter(mo
 def test_an_unknown_train_dtype_is_refused():
     with pytest.raises(Exception, match="train dtype must be one of auto, float32, bfloat16"):
         TrainConfig(dtype="float16")
+
+
+def test_the_loss_lowers_each_target_logit_by_the_loss_margin():
+    logits, targets = torch.randn(5, 11), torch.tensor([1, 4, 4, 0, 10])
+    group = torch.tensor([0, 0, 1, 1, 1])  # two edits' target tokens
+    margins, plain = _losses(logits, targets, group, 2, 0.0)
+    lowered_margins, lowered = _losses(logits, targets, group, 2, 3.0)
+    shifted = logits.clone()
+    shifted[torch.arange(5), targets] -= 3.0
+    for loss, given in ((plain, logits), (lowered, shifted)):
+        ce = F.cross_entropy(given, targets, reduction="none")
+        assert torch.allclose(loss, torch.stack([ce[:2].mean(), ce[2:].mean()]))
+    lead = logits[torch.arange(5), targets] - logits.scatter(1, targets[:, None], float("-inf")).max(1).values
+    assert margins == lowered_margins == pytest.approx([lead[:2].min().item(), lead[2:].min().item()])
+
