@@ -50,7 +50,8 @@ def main() -> None:
     train = TrainConfig(**{"lr": 0.1, "max_steps": 20, "margin": 0.5, **levers}) if args.quick else TrainConfig(**levers)
     facts = [{"prompt": f.prompt, "target": f.target} for f in counterfacts(max(SWEEP, SINGLE, args.edits), seed=0)]
     result = {"machine": machine(), "load_avg_start": os.getloadavg(), "sweep_edits": SWEEP, "sweep": [],
-              "lr": train.lr, "loss_margin": train.loss_margin, "train_dtype": compute_dtype(train, model.device)}
+              "lr": train.lr, "loss_margin": train.loss_margin,
+              "train_dtype": compute_dtype(train, model.device)}
     print(f"load average {os.getloadavg()}; lr {train.lr}, loss margin {train.loss_margin}, "
           f"train dtype {result['train_dtype']}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:

@@ -128,8 +128,9 @@ def weights_in(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
     then the very float32 tensors back. Autocast would cast each frozen weight again at every call (it keeps casts
     of trainable weights only), which cost SmolLM2 about a tenth of its bfloat16 edits/s. Norms and biases stay as
     they are, so each op computes as under autocast alone, but for one: where the head is tied to the input
-    embeddings (SmolLM2), the embedding lookup gives bfloat16 too. Meanwhile the model serves nothing else (as with the
-    routing state's forcing: training and serving take turns, the server's worker runs edits between steps)."""
+    embeddings (SmolLM2), the embedding lookup gives bfloat16 too. Meanwhile the model serves nothing else (as
+    with the routing state's forcing: training and serving take turns, the server's worker runs edits between
+    steps)."""
     weights = {id(m.weight): m.weight for m in model.modules() if isinstance(m, (nn.Linear, Conv1D))}
     head = model.get_output_embeddings()
     if head is not None:
