@@ -90,19 +90,19 @@ def test_bfloat16_weights_are_cast_once_and_again_after_a_change(model, tokenize
     cfg = TrainConfig(lr=0.1, max_steps=5, margin=100.0, dtype="bfloat16")
     [(first, _)] = train_adapters(model, state, shapes, [batch], 4, 4.0, cfg, frozen)
     head = model.get_output_embeddings().weight
-    cast = weights_seen(model, cfg)[id(head)]
-    assert cast.dtype == torch.bfloat16 and weights_seen(model, cfg)[id(head)].data_ptr() == cast.data_ptr()  # kept
+    cast = weights_seen(model)[id(head)]
+    assert cast.dtype == torch.bfloat16 and weights_seen(model)[id(head)].data_ptr() == cast.data_ptr()  # kept
     [(again, _)] = train_adapters(model, state, shapes, [batch], 4, 4.0, cfg, frozen)
     assert all(torch.equal(first[k], again[k]) for k in first)
     with torch.no_grad():
         head.mul_(2.0)  # the base model changed in place: trained against the new weights
-    changed = weights_seen(model, cfg)[id(head)]
+    changed = weights_seen(model)[id(head)]
     assert changed.data_ptr() != cast.data_ptr() and torch.equal(changed, head.detach().to(torch.bfloat16))
     [(after, _)] = train_adapters(model, state, shapes, [batch], 4, 4.0, cfg, frozen)
     assert any(not torch.equal(first[k], after[k]) for k in first)
 
 
-def weights_seen(model, cfg):
+def weights_seen(model):
     """What each weight holds inside a bfloat16 fit, by id."""
     with weights_in(model, torch.bfloat16):
         return {id(p): p.data for p in model.parameters()}
