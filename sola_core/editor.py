@@ -25,7 +25,7 @@ from .keys import KeySource, key_source
 from .layer import SolaLayer
 from .models import block_of, parent_of
 from .routing import Router
-from .train import compute_dtype, train_adapters
+from .train import train_adapters
 
 
 class SolaEditor:
@@ -143,8 +143,7 @@ class SolaEditor:
                                  block_of(self.model, cfg.layers[0].name))
         per_edit = np.split(keys, np.cumsum([len(e["phrasings"]) for e in edits])[:-1])  # each edit's key rows
         return [{"prompt": e["prompt"], "target": e["target"], "keys": k, "adapter": adapter,
-                 "info": {**info, "form": e["form"], "batch": len(edits),
-                          "dtype": compute_dtype(train, self.device)},
+                 "info": {**info, "form": e["form"], "batch": len(edits)},
                  "paraphrases": e["phrasings"][1:], "subject": e["subject"]}
                 for e, k, (adapter, info) in zip(edits, per_edit, trained)]
 

@@ -167,11 +167,11 @@ def compute_dtype(cfg: TrainConfig, device: torch.device) -> str:
 
 
 @contextmanager
-def computing(model: nn.Module, cfg: TrainConfig, device: torch.device) -> Iterator[Callable]:
-    """The training forwards' precision. Yields what each forward runs inside: bfloat16 autocast over weights
-    cast once (`weights_in`), and on the CPU the plain-math attention (its backward in bfloat16 is several times
-    faster there than the fused kernel's); in float32 nothing changes."""
-    if compute_dtype(cfg, device) != "bfloat16":
+def computing(model: nn.Module, dtype: str, device: torch.device) -> Iterator[Callable]:
+    """The training forwards' precision (`compute_dtype`). Yields what each forward runs inside: bfloat16 autocast
+    over weights cast once (`weights_in`), and on the CPU the plain-math attention (its backward in bfloat16 is
+    several times faster there than the fused kernel's); in float32 nothing changes."""
+    if dtype != "bfloat16":
         yield nullcontext
         return
     with ExitStack() as stack:
@@ -217,15 +217,16 @@ def fit(model: nn.Module, groups: list[list[Example]], params: list[torch.Tensor
 
     Teacher-forced argmax equal to the target at every target position means greedy generation produces
     exactly the target, so a group stops as soon as that holds for each of its examples with `cfg.margin` to spare.
-    In bfloat16 (`compute_dtype`) every forward (the replayed blocks' one too, and so the margins) runs in bfloat16
-    (`computing`); the parameters stay float32.
+    In bfloat16 (`compute_dtype`, which each info names) every forward (the replayed blocks' one too, and so the
+    margins) runs in bfloat16 (`computing`); the parameters stay float32.
     """
     batch = _Batch(groups)
     where = {"rows": batch.rows, "positions": batch.positions}
     infos: list[dict] = [{} for _ in groups]
     start = time.perf_counter()
+    dtype = compute_dtype(cfg, batch.ids.device)
     with ExitStack() as stack:
-        compute = stack.enter_context(computing(model, cfg, batch.ids.device))
+        compute = stack.enter_context(computing(model, dtype, batch.ids.device))
         take = stack.enter_context(replaying(model, *frozen, batch.inputs(), compute)) \
             if frozen and frozen[1] > 0 else None
         stack.enter_context(targets_only(model, where))
@@ -242,7 +243,7 @@ def fit(model: nn.Module, groups: list[list[Example]], params: list[torch.Tensor
             for k in finished:
                 g, m = active[k], margins[k]
                 infos[g] = {"steps": steps, "loss": losses[k].item(), "margin": m, "converged": m > 0,
-                            "stopped_short": m < cfg.margin, "examples": len(groups[g]),
+                            "stopped_short": m < cfg.margin, "examples": len(groups[g]), "dtype": dtype,
                             "seconds": round(time.perf_counter() - start, 4)}
                 if done is not None:
                     done(g, infos[g])

@@ -83,7 +83,6 @@ def test_the_loss_lowers_each_target_logit_by_the_loss_margin():
     assert margins == lowered_margins == pytest.approx([lead[:2].min().item(), lead[2:].min().item()])
 
 
-
 def test_bfloat16_weights_are_cast_once_and_again_after_a_change(model, tokenizer):
     state, shapes, frozen = patched(model)
     batch = examples(tokenizer, [("The capital of France is", " Tokyo Rome")])
