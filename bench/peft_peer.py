@@ -82,8 +82,8 @@ for n in NS:
     cfg = editor.registry.config
     layer = cfg.layers[0].name
     edits = list(synthetic_edits(cfg, n, seed=n, scale=0.05))
-    for edit, row in zip(edits, hit_rows):  # the first HITS edits are keyed on real prompts
-        edit["keys"] = editor.key(prompts[row]).cpu().numpy()
+    for edit, row in zip(edits, hit_rows):  # the first HITS edits are real prompts' edits
+        edit["prompt"], edit["keys"] = prompts[row], editor.key(prompts[row]).cpu().numpy()
     ids = editor.registry.add_many(edits, check_conflicts=False)
     enc = with_positions(editor.model, editor.tokenize_batch(prompts))
     with torch.no_grad():

@@ -198,13 +198,30 @@ def names(text: str, openings: bool = False) -> frozenset[str]:
     "Stonehenge can be found in" names {"stonehenge"}. A query never counts its first word, so a query worded
     on the edit's own template ("Record stores file Nirvana under" beside "Record stores file Kraftwerk under")
     shares no name with it through that word."""
-    found = set()
+    return frozenset().union(*name_runs(text, openings))
+
+
+def name_runs(text: str, openings: bool = False, alone: bool = True) -> tuple[frozenset[str], ...]:
+    """The `names` of a text, grouped into the runs of consecutive named words they stand in, OPENERS left out:
+    "The capital of Papua New Guinea is" -> ({"papua", "new", "guinea"},), "The Night Watch" -> ({"night",
+    "watch"},); a run is one name however many words it takes. Without `alone`, a line's first word counts
+    (`openings`) only as part of a longer name: "Democratic Republic of the Congo is" names "democratic
+    republic", "Science quiz tonight: who ..." names nothing."""
+    runs: list[frozenset[str]] = []
     for line in text.splitlines():
-        words = WORD.findall(unlabelled(line))
-        found.update(w.lower() for i, w in enumerate(words)
-                     if (w[0].isupper() and (i or (openings and w.lower() not in OPENERS)))
-                     or any(c.isdigit() for c in w))
-    return frozenset(found)
+        run: list[str] = []
+        starts_line = False
+        for i, w in enumerate(WORD.findall(unlabelled(line)) + [""]):
+            lower = w.lower()
+            if w and ((w[0].isupper() and (i or openings)) or any(c.isdigit() for c in w)):
+                if lower not in OPENERS:
+                    starts_line = starts_line or not run and i == 0 and lower.isalpha()
+                    run.append(lower)
+            elif run:
+                if alone or not (starts_line and len(run) == 1):
+                    runs.append(frozenset(run))
+                run, starts_line = [], False
+    return tuple(runs)
 
 
 def words(text: str) -> frozenset[str]:
@@ -238,10 +255,11 @@ class Mentions:
     names: frozenset[str]
     words: frozenset[str]
     text: str
+    runs: tuple[frozenset[str], ...]  # its names as they stand, a first word in a longer name too (`name_runs`)
 
     @classmethod
     def of(cls, text: str) -> "Mentions":
-        return cls(names(text), words(text), text)
+        return cls(names(text), words(text), text, name_runs(text, openings=True, alone=False))
 
 
 def key_source(name: str, tokenizer=None, encoder_dtype: str = "auto") -> KeySource:

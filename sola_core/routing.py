@@ -24,7 +24,7 @@ from registry.errors import CorruptEdit
 
 from .generation import with_positions
 from .config import NAMED_RADIUS, RELATION_RADIUS
-from .keys import KeySource, Mentions, as_it, asked_parts, asks, names, words
+from .keys import KeySource, Mentions, as_it, asked_parts, asks, name_runs, words
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +45,33 @@ class EditMentions:
         self.registry, self.embed = registry, embed
         self._known: dict[int, tuple[list[str], frozenset[str], frozenset[str]]] = {}
 
-    def __call__(self, edit_id: int, query: Mentions) -> bool:
+    def _read(self, edit_id: int) -> tuple[list[str], frozenset[str], frozenset[str], tuple[frozenset[str], ...]]:
         if edit_id not in self._known:
             record = self.registry.get(edit_id)
             phrasings = [record.prompt, *record.paraphrases]
-            self._known[edit_id] = (phrasings, frozenset().union(*(names(t, openings=True) for t in phrasings)),
-                                    words(record.subject or ""))
-        phrasings, named, subject = self._known[edit_id]
+            runs = tuple(run for t in phrasings for run in name_runs(t, openings=True))
+            self._known[edit_id] = (phrasings, frozenset().union(*runs), words(record.subject or ""), runs)
+        return self._known[edit_id]
+
+    def names_another(self, edit_id: int, query: Mentions) -> bool:
+        """Whether the query is about someone or something else than the edit, by the names both give: none of
+        the query's names is one the edit names ("Niger" beside an edit of "Nigeria"), or one of its names shares
+        words with the edit's names but is neither a part of one of them nor takes one in ("South Korea" beside
+        "North Korea", "U.S. Virgin Islands" beside "British Virgin Islands"). A shorter form of the edit's name
+        ("Einstein" for "Albert Einstein"), a longer one ("Sir Isaac Newton") or a one-letter misspelling
+        ("Crockett" for "Crocket") may be the same subject, and is not turned away. Close embeddings do not tell
+        these apart; names do."""
+        runs = self._read(edit_id)[3]
+        if not query.runs or not runs:
+            return False
+        touching = [(q, [e for e in runs if overlap(q, e)]) for q in query.runs]
+        touching = [(q, es) for q, es in touching if es]
+        if not touching:
+            return True
+        return any(not any(within(q, e) or within(e, q) for e in es) for q, es in touching)
+
+    def __call__(self, edit_id: int, query: Mentions) -> bool:
+        phrasings, named, subject, _ = self._read(edit_id)
         said = subject if subject and subject <= query.words else frozenset()
         if not (query.names & named or said):
             return False
@@ -73,6 +93,25 @@ class EditMentions:
         return bool((1 - embedded[len(mine):] @ embedded[:len(mine)].T <= RELATION_RADIUS).any())
 
 
+def same_word(a: str, b: str) -> bool:
+    """Equal, or for words of five letters or more, one letter apart (added, dropped or changed)."""
+    if a == b:
+        return True
+    if min(len(a), len(b)) < 5 or abs(len(a) - len(b)) > 1:
+        return False
+    short, long = sorted((a, b), key=len)
+    i = next((i for i, (x, y) in enumerate(zip(short, long)) if x != y), len(short))  # the first difference
+    return short[i + 1:] == long[i + 1:] if len(a) == len(b) else short[i:] == long[i + 1:]
+
+
+def within(part: frozenset[str], name: frozenset[str]) -> bool:
+    return all(any(same_word(w, v) for v in name) for w in part)
+
+
+def overlap(one: frozenset[str], other: frozenset[str]) -> bool:
+    return any(same_word(w, v) for w in one for v in other)
+
+
 def nearest_edits(registry: EditRegistry, queries: torch.Tensor, mentions: list[Mentions] | None = None,
                   edit_mentions: EditMentions | None = None) -> torch.Tensor:
     """(B,) edit id per row of (B, S, d) queries, -1 for none: per query, the nearest active key within the
@@ -90,8 +129,10 @@ def nearest_edits(registry: EditRegistry, queries: torch.Tensor, mentions: list[
     best = torch.where(ids >= 0, dists, torch.full_like(dists, float("inf"))).argmin(1, keepdim=True)
     ids, dists = ids.gather(1, best)[:, 0], dists.gather(1, best)[:, 0]
     if named:
-        for row in ((ids >= 0) & (dists > registry.config.threshold)).nonzero().flatten().tolist():
-            if not edit_mentions(int(ids[row]), mentions[row]):
+        for row in (ids >= 0).nonzero().flatten().tolist():
+            edit_id, query = int(ids[row]), mentions[row]
+            if edit_mentions.names_another(edit_id, query) or (
+                    dists[row] > registry.config.threshold and not edit_mentions(edit_id, query)):
                 ids[row] = -1
     return ids
 

@@ -5,7 +5,9 @@ import torch
 from registry.errors import ValidationError
 from sola_core import EditConfig, RuntimeConfig, SolaEditor, TrainConfig
 from sola_core.config import NAMED_RADIUS
-from sola_core.keys import EncoderKey, LayerKey, Mentions, as_it, asks, key_source, names, unlabelled, words
+from sola_core.keys import (EncoderKey, LayerKey, Mentions, as_it, asks, key_source, name_runs, names, unlabelled,
+                            words)
+from sola_core.routing import same_word
 
 TRAIN = TrainConfig(lr=5e-2, max_steps=200, margin=1.0)
 
@@ -31,8 +33,9 @@ def test_encoder_embeds_the_unpadded_prompt_text(encoder, tokenizer):
     enc = tokenizer(prompts, return_tensors="pt", padding=True)
     queries, mentions = encoder.from_tokens(enc["input_ids"], enc["attention_mask"])
     assert queries.shape == (2, 1, 384) and encoder.dim(64) == 384
-    assert mentions == [Mentions(frozenset({"france"}), frozenset({"capital", "france"}), "The capital of France is"),
-                        Mentions(frozenset(), frozenset(), "Hi")]
+    assert mentions == [Mentions(frozenset({"france"}), frozenset({"capital", "france"}), "The capital of France is",
+                                 ({"france"},)),
+                        Mentions(frozenset(), frozenset(), "Hi", ())]
     assert torch.allclose(queries[:, 0], encoder.embed(prompts), atol=1e-5)
     assert torch.allclose(queries[:, 0].norm(dim=1), torch.ones(2))
 
@@ -108,6 +111,41 @@ def test_names_are_the_proper_nouns_and_numbers_a_text_names():
     assert names("What is the capital of Japan?", openings=True) == {"japan"}
     assert unlabelled(" Q: What is it?") == "What is it?" and unlabelled("A:") == ""
     assert unlabelled("Please answer the question:") == "Please answer the question:"  # a sentence, not a label
+
+
+def test_name_runs_group_a_texts_names_as_they_stand():
+    assert name_runs("The capital of Papua New Guinea is") == ({"papua", "new", "guinea"},)
+    assert name_runs("The Night Watch was painted by", openings=True) == ({"night", "watch"},)  # "The" an opener
+    assert name_runs("The Adventures of Tom Sawyer") == ({"adventures"}, {"tom", "sawyer"})
+    assert name_runs("Niger is in", openings=True) == ({"niger"},)  # an edit's first word names its subject
+    assert name_runs("Niger is in", openings=True, alone=False) == ()  # a query's, only inside a longer name:
+    assert name_runs("Science quiz: who discovered it?", openings=True, alone=False) == ()
+    assert name_runs("Democratic Republic of the Congo is", openings=True, alone=False) == (
+        {"democratic", "republic"}, {"congo"})
+    assert name_runs("1977 was the year of", openings=True, alone=False) == ({"1977"},)  # a number always counts
+    assert Mentions.of("U.S. Virgin Islands is").runs == ({"u", "s", "virgin", "islands"},)
+
+
+def test_same_word_forgives_one_letter_in_a_long_word():
+    assert same_word("crocket", "crockett") and same_word("everly", "everley") and same_word("grocer", "grocer")
+    assert not same_word("niger", "nigeria") and not same_word("iran", "iraq") and not same_word("north", "south")
+    assert not same_word("austria", "australia") and not same_word("abcde", "abcd")
+
+
+def test_a_query_naming_another_subject_stays_with_the_base_model_even_near_the_key(tmp_path, llama, tokenizer):
+    """"South Korea" lies within the threshold of an edit of "North Korea", and "Equatorial Guinea" within
+    NAMED_RADIUS of one of "Papua New Guinea": close embeddings, other names. A shorter or longer form of the
+    edit's name, or a one-letter misspelling, may be the same subject and still routes."""
+    korea, guinea = "The currency of North Korea is the", "The capital of Papua New Guinea is"
+    others = ["The currency of South Korea is the", "The capital of Equatorial Guinea is"]
+    same = ["The official currency of North Korea is the", "Which city is the capital of New Guinea?",
+            "The currency of Nortth Korea is the"]
+    with SolaEditor.open(tmp_path / "r", llama, tokenizer, config=EditConfig(key_source="encoder")) as editor:
+        ids = editor.edit_many([{"prompt": korea, "target": " euro"}, {"prompt": guinea, "target": " Lima"}], TRAIN)
+        dist = 1 - editor.router.keys.embed(others) @ torch.stack([editor.key(korea), editor.key(guinea)]).T
+        assert dist[0, 0] <= editor.registry.config.threshold < dist[1, 1] <= NAMED_RADIUS
+        assert editor.route(others) == [None, None]
+        assert editor.route(same) == [ids[0], ids[1], ids[0]]
 
 
 def test_an_edit_opening_with_its_subject_routes_queries_that_name_it(tmp_path, llama, tokenizer):
