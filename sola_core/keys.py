@@ -224,6 +224,27 @@ def name_runs(text: str, openings: bool = False, alone: bool = True) -> tuple[fr
     return tuple(runs)
 
 
+def same_word(a: str, b: str) -> bool:
+    """Equal, or for words of five letters or more, one letter apart (added, dropped or changed)."""
+    if a == b:
+        return True
+    if min(len(a), len(b)) < 5 or abs(len(a) - len(b)) > 1:
+        return False
+    short, long = sorted((a, b), key=len)
+    i = next((i for i, (x, y) in enumerate(zip(short, long)) if x != y), len(short))  # the first difference
+    return short[i + 1:] == long[i + 1:] if len(a) == len(b) else short[i:] == long[i + 1:]
+
+
+def within(part: frozenset[str], name: frozenset[str]) -> bool:
+    """Every word of `part` is one of `name`'s (`same_word`): "Einstein" within "Albert Einstein"."""
+    return all(any(same_word(w, v) for v in name) for w in part)
+
+
+def overlap(one: frozenset[str], other: frozenset[str]) -> bool:
+    """Some word of one is one of the other's: "South Korea" and "North Korea" overlap."""
+    return any(same_word(w, v) for w in one for v in other)
+
+
 def words(text: str) -> frozenset[str]:
     """A text's words, lowercased, but the OPENERS: what a subject is made of ("the Mona Lisa": mona, lisa)."""
     return frozenset(w for w in map(str.lower, WORD.findall(text)) if w not in OPENERS)

@@ -24,7 +24,7 @@ from registry.errors import CorruptEdit
 
 from .generation import with_positions
 from .config import NAMED_RADIUS, RELATION_RADIUS
-from .keys import KeySource, Mentions, as_it, asked_parts, asks, name_runs, words
+from .keys import KeySource, Mentions, as_it, asked_parts, asks, name_runs, overlap, within, words
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +38,13 @@ class EditMentions:
     edit's question: it names what the edit names (or says all of its subject), and, with those words read as
     "it", asks the same of it (`asks_the_same`). Another relation of the same subject ("The capital of Romania
     is" beside an edit of "Romania is located on the continent of") names it too, and asks something else.
+    `names_another` says whether a query's names contradict the edit's (another subject).
 
     `embed` (the encoder key source's) compares what is asked by embedding; without it only a shared word does."""
 
     def __init__(self, registry: EditRegistry, embed: Callable[[list[str]], torch.Tensor] | None = None) -> None:
         self.registry, self.embed = registry, embed
-        self._known: dict[int, tuple[list[str], frozenset[str], frozenset[str]]] = {}
+        self._known: dict[int, tuple[list[str], frozenset[str], frozenset[str], tuple[frozenset[str], ...]]] = {}
 
     def _read(self, edit_id: int) -> tuple[list[str], frozenset[str], frozenset[str], tuple[frozenset[str], ...]]:
         if edit_id not in self._known:
@@ -91,25 +92,6 @@ class EditMentions:
         theirs = [as_it(part, about) for part in asked_parts(text)]
         embedded = self.embed(mine + theirs)  # unit rows
         return bool((1 - embedded[len(mine):] @ embedded[:len(mine)].T <= RELATION_RADIUS).any())
-
-
-def same_word(a: str, b: str) -> bool:
-    """Equal, or for words of five letters or more, one letter apart (added, dropped or changed)."""
-    if a == b:
-        return True
-    if min(len(a), len(b)) < 5 or abs(len(a) - len(b)) > 1:
-        return False
-    short, long = sorted((a, b), key=len)
-    i = next((i for i, (x, y) in enumerate(zip(short, long)) if x != y), len(short))  # the first difference
-    return short[i + 1:] == long[i + 1:] if len(a) == len(b) else short[i:] == long[i + 1:]
-
-
-def within(part: frozenset[str], name: frozenset[str]) -> bool:
-    return all(any(same_word(w, v) for v in name) for w in part)
-
-
-def overlap(one: frozenset[str], other: frozenset[str]) -> bool:
-    return any(same_word(w, v) for w in one for v in other)
 
 
 def nearest_edits(registry: EditRegistry, queries: torch.Tensor, mentions: list[Mentions] | None = None,

@@ -5,9 +5,8 @@ import torch
 from registry.errors import ValidationError
 from sola_core import EditConfig, RuntimeConfig, SolaEditor, TrainConfig
 from sola_core.config import NAMED_RADIUS
-from sola_core.keys import (EncoderKey, LayerKey, Mentions, as_it, asks, key_source, name_runs, names, unlabelled,
-                            words)
-from sola_core.routing import same_word
+from sola_core.keys import (EncoderKey, LayerKey, Mentions, as_it, asks, key_source, name_runs, names, same_word,
+                            unlabelled, words)
 
 TRAIN = TrainConfig(lr=5e-2, max_steps=200, margin=1.0)
 
