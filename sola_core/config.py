@@ -20,8 +20,9 @@ DEFAULT_THRESHOLDS = {"layer": 0.01, "encoder": 0.15}
 # name a proper noun or number its phrasings name (routing.nearest_edits): a reworded fact keeps its subject, a
 # neighbouring fact names another (README, "Named routing").
 NAMED_RADIUS = 0.35
-# ... and when, with what both name read as "it", it asks what the edit asks: a word in common, or embeddings within
-# this cosine distance (routing.EditMentions). Another relation of the same subject names it too, and asks otherwise.
+# ... and when, with what both name read as "it", it asks what the edit asks: a word in common, or two words, or the
+# two texts, embedded within this cosine distance (routing.EditMentions). Another relation of the same subject names
+# it too, and asks otherwise.
 RELATION_RADIUS = 0.5
 FORMS = ("completion", "question", "chat")  # how an edit's prompt is asked (SolaEditor.edit)
 ENCODER_DTYPES = ("auto", "float32", "bfloat16")  # compute dtype of the encoder key source

@@ -81,17 +81,21 @@ class EditMentions:
     def asks_the_same(self, phrasings: list[str], text: str, about: frozenset[str]) -> bool:
         """Whether `text` asks what one of `phrasings` asks once the words `about` are taken out: a word in
         common beyond them ("capital" in "Japan's capital city is" and "The capital of Japan is"; "directed" and
-        "director" count as one), or, read as "it", embeddings within RELATION_RADIUS ("Where is it?" beside "it
-        can be found in")."""
+        "director" count as one), or, embedded, two words within RELATION_RADIUS ("author" and "writer",
+        "headquarter" and "offic"), or the two texts, read as "it", within it ("Where is it?" beside "it can be
+        found in")."""
         asked = asks(text, about)
-        if any(asked & asks(phrasing, about) for phrasing in phrasings):
+        mine_asked = frozenset().union(*(asks(phrasing, about) for phrasing in phrasings))
+        if asked & mine_asked:
             return True
         if self.embed is None:
             return False
-        mine = [as_it(phrasing, about) for phrasing in phrasings]
-        theirs = [as_it(part, about) for part in asked_parts(text)]
+        mine = [as_it(phrasing, about) for phrasing in phrasings] + sorted(mine_asked)
+        theirs = [as_it(part, about) for part in asked_parts(text)] + sorted(asked)
         embedded = self.embed(mine + theirs)  # unit rows
-        return bool((1 - embedded[len(mine):] @ embedded[:len(mine)].T <= RELATION_RADIUS).any())
+        near = 1 - embedded[len(mine):] @ embedded[:len(mine)].T <= RELATION_RADIUS  # (theirs, mine)
+        texts, words = len(phrasings), len(theirs) - len(asked)  # texts first, then words, on each side
+        return bool(near[:words, :texts].any() or near[words:, texts:].any())
 
 
 def nearest_edits(registry: EditRegistry, queries: torch.Tensor, mentions: list[Mentions] | None = None,

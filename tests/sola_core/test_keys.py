@@ -4,7 +4,7 @@ import torch
 
 from registry.errors import ValidationError
 from sola_core import EditConfig, RuntimeConfig, SolaEditor, TrainConfig
-from sola_core.config import NAMED_RADIUS
+from sola_core.config import NAMED_RADIUS, RELATION_RADIUS
 from sola_core.keys import (EncoderKey, LayerKey, Mentions, as_it, asks, key_source, name_runs, names, same_word,
                             unlabelled, words)
 
@@ -200,6 +200,21 @@ def test_a_query_naming_the_edits_subject_routes_only_when_it_asks_the_same(tmp_
         dist = 1 - editor.router.keys.embed([reworded, *others]) @ editor.key(prompt)
         assert (editor.registry.config.threshold < dist).all() and (dist < NAMED_RADIUS).all()
         assert editor.route([reworded, *others]) == [eid, None, None]
+
+
+def test_a_query_asking_the_same_in_other_words_routes_by_a_pair_of_near_words(tmp_path, llama, tokenizer):
+    """"writer" and "written" share no stem, and the two questions read as "it" embed beyond RELATION_RADIUS; the
+    two words embed within it. A question about the book's pages names it as near, and asks something else."""
+    prompt, about = "War and Peace was written by", frozenset({"war", "peace"})
+    reworded, other = "Who is the writer of the Russian epic War and Peace?", "How many pages does War and Peace have?"
+    with SolaEditor.open(tmp_path / "r", llama, tokenizer, config=EditConfig(key_source="encoder")) as editor:
+        eid = editor.edit(prompt, " Pushkin", TRAIN)
+        embed = editor.router.keys.embed
+        dist = 1 - embed([reworded, other]) @ editor.key(prompt)
+        assert (editor.registry.config.threshold < dist).all() and (dist < NAMED_RADIUS).all()
+        assert not asks(reworded, about) & asks(prompt, about)
+        assert 1 - embed([as_it(reworded, about)]) @ embed([as_it(prompt, about)])[0] > RELATION_RADIUS
+        assert editor.route([reworded, other]) == [eid, None]
 
 
 def test_beyond_the_threshold_a_query_routes_only_by_a_name_the_edit_mentions(tmp_path, llama, tokenizer):
