@@ -81,9 +81,8 @@ class EditMentions:
     def asks_the_same(self, phrasings: list[str], text: str, about: frozenset[str]) -> bool:
         """Whether `text` asks what one of `phrasings` asks once the words `about` are taken out: a word in
         common beyond them ("capital" in "Japan's capital city is" and "The capital of Japan is"; "directed" and
-        "director" count as one), or, embedded, two words within RELATION_RADIUS ("author" and "writer",
-        "headquarter" and "offic"), or the two texts, read as "it", within it ("Where is it?" beside "it can be
-        found in")."""
+        "director" count as one), or, embedded, two of those words within RELATION_RADIUS ("writer" and
+        "written"), or the two texts, read as "it", within it ("Where is it?" beside "it can be found in")."""
         asked = asks(text, about)
         mine_asked = frozenset().union(*(asks(phrasing, about) for phrasing in phrasings))
         if asked & mine_asked:
@@ -94,8 +93,8 @@ class EditMentions:
         theirs = [as_it(part, about) for part in asked_parts(text)] + sorted(asked)
         embedded = self.embed(mine + theirs)  # unit rows
         near = 1 - embedded[len(mine):] @ embedded[:len(mine)].T <= RELATION_RADIUS  # (theirs, mine)
-        texts, words = len(phrasings), len(theirs) - len(asked)  # texts first, then words, on each side
-        return bool(near[:words, :texts].any() or near[words:, texts:].any())
+        my_texts, their_texts = len(phrasings), len(theirs) - len(asked)  # texts first, then words, on each side
+        return bool(near[:their_texts, :my_texts].any() or near[their_texts:, my_texts:].any())
 
 
 def nearest_edits(registry: EditRegistry, queries: torch.Tensor, mentions: list[Mentions] | None = None,
@@ -106,7 +105,8 @@ def nearest_edits(registry: EditRegistry, queries: torch.Tensor, mentions: list[
 
     With `mentions` (per row, what its text mentions) a row whose nearest key lies beyond the threshold but
     within NAMED_RADIUS routes to that edit too when it names something the edit's phrasings name, or every word
-    of the edit's subject, and asks what the edit asks (`edit_mentions`)."""
+    of the edit's subject, and asks what the edit asks (`edit_mentions`); and no row routes to an edit whose
+    names its own contradict, however near (`EditMentions.names_another`: "South Korea" beside "North Korea")."""
     rows, per_row, dim = queries.shape
     named = mentions is not None and edit_mentions is not None
     dists, ids = registry.match(queries.reshape(rows * per_row, dim), distances=True,
