@@ -71,7 +71,8 @@ def run_demo(model_name: str | None = None, echo: Callable[[str], None] | None =
             dist, nearest = editor.registry.nearest(editor.key(prompt)[None])
             distances[label] = d = float(dist[0])
             routed = editor.route([prompt])[0] is not None
-            why = (f"within the threshold {threshold}" if d <= threshold else
+            why = (f"within the threshold {threshold}" + ("" if routed else ", but naming another subject")
+                   if d <= threshold else
                    f"beyond the threshold {threshold}, " + ("within" if d <= NAMED_RADIUS else "beyond") +
                    f" {NAMED_RADIUS}" + (", naming what the edit names and asking what it asks" if routed else ""))
             say(f"{label} {text!r}: nearest edit {int(nearest[0])} at key distance {d:.3f} "
