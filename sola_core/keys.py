@@ -33,7 +33,7 @@ class KeySource(Protocol):
                     attention_mask: torch.Tensor | None) -> tuple[torch.Tensor | None, list[Mentions] | None]:
         """What a prompt's tokens alone give routing: its (B, S, d) queries (S per row, NaN rows padding), or None
         when they need the model's states; and per row what its text mentions (for routing within
-        NAMED_RADIUS), or None for no such routing."""
+        NAMED_RADIUS, and for turning away a query that names another subject), or None for no such routing."""
 
     def query(self, x: torch.Tensor, positions: torch.Tensor, precomputed: torch.Tensor | None) -> torch.Tensor:
         """(B, d) or (B, S, d) queries, from the first edited layer's input x (B, T, in) at each row's last
@@ -271,7 +271,8 @@ def as_it(text: str, about: frozenset[str]) -> str:
 @dataclass(frozen=True)
 class Mentions:
     """What a query's text mentions, for routing within NAMED_RADIUS: its `names`, all its `words`, and the text
-    itself (routing.EditMentions compares what it asks with an edit's phrasings)."""
+    itself (routing.EditMentions compares what it asks with an edit's phrasings); and its names as `runs`, which
+    turn it away, at any distance, from an edit about another subject (`EditMentions.names_another`)."""
 
     names: frozenset[str]
     words: frozenset[str]
