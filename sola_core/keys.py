@@ -253,17 +253,44 @@ def words(text: str) -> frozenset[str]:
 SUFFIX = re.compile(r"(?:ings?|ed|ers?|ors?|ions?|ly|es|s|e)$")
 
 
+ARTICLES = frozenset(("the", "a", "an"))
+
+
+def described(text: str, about: frozenset[str]) -> frozenset[str]:
+    """`about` and the words a text describes it with where it introduces it: after an article, up to four words
+    (not OPENERS) right before its words ("the luxury car brand BMW": luxury, car, brand). What the text asks of
+    its subject is what is left; a description is not a question."""
+    found = [w.lower() for w in WORD.findall(text)]
+    more: set[str] = set()
+    for i, w in enumerate(found):
+        if w in about and i and found[i - 1] not in about:
+            j = i - 1
+            while j >= 0 and i - j <= 4 and found[j] not in OPENERS and found[j] not in about:
+                j -= 1
+            if j >= 0 and j < i - 1 and found[j] in ARTICLES:
+                more.update(found[j + 1:i])
+    return about | more
+
+
 def asks(text: str, about: frozenset[str]) -> frozenset[str]:
     """What a text asks of what it is about: its words but the OPENERS, those in `about` and single letters, each
-    without a common suffix ("directed", "director": "direct")."""
-    return frozenset(SUFFIX.sub("", w) if len(w) > 4 else w for w in words(text) - about if len(w) > 1)
+    without a common suffix (`stem`)."""
+    return frozenset(stem(w) for w in words(text) - about if len(w) > 1)
 
 
-RUN_OF_IT = re.compile(r"\bit(?:(?:\s+(?:and|of|the|de))?\s+it\b)+")  # "Saint Kitts and Nevis", read word by word
+def stem(word: str) -> str:
+    """A word without a common suffix, unless too little is left: "directed", "director": "direct"; "sings"."""
+    short = SUFFIX.sub("", word) if len(word) > 4 else word
+    return short if len(short) >= 3 else word
+
+
+RUN_OF_IT = re.compile(r"\b(?:(?:the|a|an)\s+)?it(?:(?:\s+(?:and|of|the|de))*\s+it\b)+|\b(?:the|a|an)\s+it\b",
+                       re.IGNORECASE)  # "Saint Kitts and Nevis", read word by word; "the luxury car brand BMW"
 
 
 def as_it(text: str, about: frozenset[str]) -> str:
-    """The text with the words in `about` (lowercased) read as one "it": what it asks, whoever it is about."""
+    """The text with the words in `about` (lowercased) read as one "it", an article before it included: what it
+    asks, whoever it is about."""
     marked = WORD.sub(lambda m: "it" if m.group(0).lower() in about else m.group(0), text)
     return re.sub(r"\s+", " ", RUN_OF_IT.sub("it", marked)).strip()
 

@@ -5,8 +5,8 @@ import torch
 from registry.errors import ValidationError
 from sola_core import EditConfig, RuntimeConfig, SolaEditor, TrainConfig
 from sola_core.config import NAMED_RADIUS, RELATION_RADIUS
-from sola_core.keys import (EncoderKey, LayerKey, Mentions, as_it, asks, key_source, name_runs, names, same_word,
-                            unlabelled, words)
+from sola_core.keys import (EncoderKey, LayerKey, Mentions, as_it, asks, described, key_source, name_runs, names,
+                            same_word, stem, unlabelled, words)
 
 TRAIN = TrainConfig(lr=5e-2, max_steps=200, margin=1.0)
 
@@ -215,6 +215,31 @@ def test_a_query_asking_the_same_in_other_words_routes_by_a_pair_of_near_words(t
         assert not asks(reworded, about) & asks(prompt, about)
         assert 1 - embed([as_it(reworded, about)]) @ embed([as_it(prompt, about)])[0] > RELATION_RADIUS
         assert editor.route([reworded, other]) == [eid, None]
+
+
+def test_the_words_a_query_describes_its_subject_with_are_not_what_it_asks():
+    about = frozenset({"heineken"})
+    assert described("The main offices of the Dutch brewer Heineken are in", about) == {"heineken", "dutch", "brewer"}
+    assert described("The capital of Japan is", frozenset({"japan"})) == {"japan"}  # "of" is no description
+    assert as_it("The offices of the Dutch brewer Heineken are in", described(
+        "The offices of the Dutch brewer Heineken are in", about)) == "The offices of it are in"
+    assert as_it("The capital of the Democratic Republic of the Congo is",
+                 frozenset({"democratic", "republic", "congo"})) == "The capital of it is"
+    assert stem("directed") == stem("director") == "direct" and stem("sings") == "sings"
+
+
+def test_a_query_describing_the_subject_routes_by_what_is_left(tmp_path, llama, tokenizer):
+    """Read as "it", the brewer's description ("the Dutch brewer Heineken") would be part of the question; left
+    out, "The main offices of it are located in" asks where it is headquartered. A description that says what kind
+    of thing a film is does not make its release year a question about its director."""
+    edits = [("Where is Heineken headquartered?", " Oslo"), ("Jaws was directed by", " Kubrick")]
+    queries = ["The main offices of the Dutch brewer Heineken are located in", "The film Jaws was released in the year"]
+    with SolaEditor.open(tmp_path / "r", llama, tokenizer, config=EditConfig(key_source="encoder")) as editor:
+        ids = [editor.edit(prompt, target, TRAIN) for prompt, target in edits]
+        for (prompt, _), query in zip(edits, queries):
+            dist = 1 - editor.router.keys.embed([query]) @ editor.key(prompt)
+            assert editor.registry.config.threshold < dist < NAMED_RADIUS
+        assert editor.route(queries) == [ids[0], None]
 
 
 def test_beyond_the_threshold_a_query_routes_only_by_a_name_the_edit_mentions(tmp_path, llama, tokenizer):
