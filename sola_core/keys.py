@@ -173,9 +173,54 @@ def unlabelled(line: str) -> str:
 
 
 def asked_parts(text: str) -> list[str]:
-    """What of a query's text is embedded: the whole text, then, for several lines, each line without its label."""
+    """What of a query's text is embedded: the whole text, then, for several lines, each line without its label;
+    then, where the text describes a name it gives, the text without the description (`undescribed`)."""
     lines = [line for line in map(unlabelled, text.splitlines()) if line]
-    return [text, *lines] if len(lines) > 1 else [text]
+    parts = [text, *lines] if len(lines) > 1 else [text]
+    return parts + [plain for plain in map(undescribed, parts) if plain not in parts]
+
+
+ARTICLES = frozenset(("the", "a", "an"))
+PREPOSITIONS = frozenset("""about above across against along among around behind below beneath beside besides between
+alongside beyond despite down during except inside like near off onto out outside per since than through toward towards until
+up upon versus via within without""".split())
+RANKS = frozenset("first second third last next most least best worst only same other former previous".split())
+SPACE = re.compile(r"[ \t]+")  # words of one phrase: not across punctuation or lines
+TOKEN = re.compile(r"[^\W_][\w'-]*")  # a word with its apostrophes and hyphens: "Schindler's", "Coca-Cola"
+
+
+def undescribed(text: str) -> str:
+    """The text without the descriptions it introduces its names with: an article, up to two years or capitalised
+    words, describing words (lower-case; no OPENERS, prepositions or ranks; the last no verb form), then a name,
+    four words at most and only spaces between them: "Which city does the Swiss watchmaker Rolex call home?" ->
+    "Which city does Rolex call home?". A description moves the text's embedding away from the same question
+    asked plainly, as an edit's key most often is."""
+    matches = list(TOKEN.finditer(text))
+    found, spans = [m.group(0) for m in matches], [m.span() for m in matches]
+    joined = [i + 1 < len(found) and SPACE.fullmatch(text[spans[i][1]:spans[i + 1][0]]) is not None
+              for i in range(len(found))]  # word i and word i + 1 stand in one phrase
+    named = [(w[0].isupper() or w[0].isdigit()) and w.lower() not in OPENERS for w in found]
+    plain = OPENERS | PREPOSITIONS | RANKS
+    describes = [w.islower() and w.replace("-", "").isalpha() and w not in plain for w in found]
+    cuts, j = [], 0
+    while j < len(found):
+        line = text[text.rfind("\n", 0, spans[j][0]) + 1:spans[j][0]]
+        if found[j].lower() in ARTICLES and (found[j].islower() or not unlabelled(line)):
+            k = j
+            while joined[k] and (found[k + 1].isdigit() or found[k + 1].istitle()) and k - j < 2:
+                k += 1  # a year or an adjective: "the 1977 classic Hotel California", "the Swiss watchmaker Rolex"
+            first = k
+            while joined[k] and describes[k + 1] and k - j < 4:
+                k += 1
+            acts = len(found[k]) > 4 and found[k].endswith(("ed", "ing")) and "-" not in found[k]
+            if k > first and joined[k] and named[k + 1] and not acts:  # not "the actor portraying Noah Newman"
+                cuts.append((spans[j][0], spans[k + 1][0]))
+                j = k + 1
+                continue
+        j += 1
+    for start, end in reversed(cuts):
+        text = text[:start] + text[end:]
+    return text
 
 
 WORD = re.compile(r"[^\W_]+")
@@ -251,9 +296,6 @@ def words(text: str) -> frozenset[str]:
 
 
 SUFFIX = re.compile(r"(?:ings?|ed|ers?|ors?|ions?|ly|es|s|e)$")
-
-
-ARTICLES = frozenset(("the", "a", "an"))
 
 
 def described(text: str, about: frozenset[str]) -> frozenset[str]:

@@ -5,8 +5,8 @@ import torch
 from registry.errors import ValidationError
 from sola_core import EditConfig, RuntimeConfig, SolaEditor, TrainConfig
 from sola_core.config import NAMED_RADIUS, RELATION_RADIUS
-from sola_core.keys import (EncoderKey, LayerKey, Mentions, as_it, asks, described, key_source, name_runs, names,
-                            same_word, stem, unlabelled, words)
+from sola_core.keys import (EncoderKey, LayerKey, Mentions, as_it, asked_parts, asks, described, key_source, name_runs, names,
+                            same_word, stem, undescribed, unlabelled, words)
 
 TRAIN = TrainConfig(lr=5e-2, max_steps=200, margin=1.0)
 
@@ -226,6 +226,26 @@ def test_the_words_a_query_describes_its_subject_with_are_not_what_it_asks():
     assert as_it("The capital of the Democratic Republic of the Congo is",
                  frozenset({"democratic", "republic", "congo"})) == "The capital of it is"
     assert stem("directed") == stem("director") == "direct" and stem("sings") == "sings"
+
+
+def test_a_query_is_also_asked_without_the_descriptions_it_introduces_names_with():
+    assert undescribed("Which city does the Swiss watchmaker Rolex call home?") == "Which city does Rolex call home?"
+    assert undescribed("The Holocaust drama Schindler's List was made by") == "Schindler's List was made by"
+    for kept in ["The capital of the United States is", "In the animal kingdom, the Nile crocodile is",
+                 "The official language of Japan is", "The chemical symbol of the heavy metal lead is"]:
+        assert undescribed(kept) == kept
+    assert asked_parts("Who made the whaling novel Moby-Dick?") == ["Who made the whaling novel Moby-Dick?",
+                                                                   "Who made Moby-Dick?"]
+
+
+def test_a_description_far_from_the_key_is_queried_without_it(tmp_path, llama, tokenizer):
+    """Described, the rewording lies beyond NAMED_RADIUS of the edit's key; asked plainly, inside it."""
+    prompt, reworded = "Which writer created Moby-Dick?", "The whaling novel Moby-Dick came from the pen of"
+    with SolaEditor.open(tmp_path / "r", llama, tokenizer, config=EditConfig(key_source="encoder")) as editor:
+        eid = editor.edit(prompt, " Dickens", TRAIN)
+        dist = 1 - editor.router.keys.embed([reworded, undescribed(reworded)]) @ editor.key(prompt)
+        assert dist[0] > NAMED_RADIUS and dist[1] < NAMED_RADIUS
+        assert editor.route([reworded]) == [eid]
 
 
 def test_a_query_describing_the_subject_routes_by_what_is_left(tmp_path, llama, tokenizer):
