@@ -172,12 +172,18 @@ def unlabelled(line: str) -> str:
     return line[m.end():].strip() if (m := LABEL.match(line)) else line
 
 
+# A line's lead-in: up to four words and a colon or a dash ("Coding trivia: ", "I always forget - ")
+LEAD_IN = re.compile(r"(?:[^\W\d_][\w'-]*[ \t]+){0,3}[^\W\d_][\w'-]*(?::|[ \t]+[-\u2013\u2014])[ \t]+(?=\S)")
+
+
 def asked_parts(text: str) -> list[str]:
     """What of a query's text is embedded: the whole text, then, for several lines, each line without its label;
-    then, where the text describes a name it gives, the text without the description (`undescribed`)."""
+    then each line without a lead-in ("Coding trivia: who made Python?" -> "who made Python?"), and, where the text
+    describes a name it gives, the text without the description (`undescribed`)."""
     lines = [line for line in map(unlabelled, text.splitlines()) if line]
     parts = [text, *lines] if len(lines) > 1 else [text]
-    return parts + [plain for plain in map(undescribed, parts) if plain not in parts]
+    parts += [line[m.end():] for line in lines if (m := LEAD_IN.match(line))]
+    return list(dict.fromkeys(parts + list(map(undescribed, parts))))
 
 
 ARTICLES = frozenset(("the", "a", "an"))

@@ -238,6 +238,15 @@ def test_a_query_is_also_asked_without_the_descriptions_it_introduces_names_with
                                                                    "Who made Moby-Dick?"]
 
 
+def test_a_line_is_also_asked_without_its_lead_in():
+    assert asked_parts("Coding trivia: who made Java?") == ["Coding trivia: who made Java?", "who made Java?"]
+    assert asked_parts("I always forget - which city is the capital of Russia?")[1:] == [
+        "which city is the capital of Russia?"]
+    assert asked_parts("I keep hearing about Carl Friedrich Gauss - what did he study?") == [
+        "I keep hearing about Carl Friedrich Gauss - what did he study?"]  # five words and more: no lead-in
+    assert asked_parts("Jean-Paul Sartre was born in") == ["Jean-Paul Sartre was born in"]
+
+
 def test_a_description_far_from_the_key_is_queried_without_it(tmp_path, llama, tokenizer):
     """Described, the rewording lies beyond NAMED_RADIUS of the edit's key; asked plainly, inside it."""
     prompt, reworded = "Which writer created Moby-Dick?", "The whaling novel Moby-Dick came from the pen of"
