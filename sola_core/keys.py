@@ -187,9 +187,9 @@ def asked_parts(text: str) -> list[str]:
 
 
 ARTICLES = frozenset(("the", "a", "an"))
-PREPOSITIONS = frozenset("""about above across against along among around behind below beneath beside besides between
-alongside beyond despite down during except inside like near off onto out outside per since than through toward towards until
-up upon versus via within without""".split())
+PREPOSITIONS = frozenset("""about above across against along alongside among around behind below beneath beside
+besides between beyond despite down during except inside like near off onto out outside per since than through
+toward towards until up upon versus via within without""".split())
 RANKS = frozenset("first second third last next most least best worst only same other former previous".split())
 SPACE = re.compile(r"[ \t]+")  # words of one phrase: not across punctuation or lines
 TOKEN = re.compile(r"[^\W_][\w'-]*")  # a word with its apostrophes and hyphens: "Schindler's", "Coca-Cola"
@@ -207,7 +207,7 @@ def undescribed(text: str) -> str:
               for i in range(len(found))]  # word i and word i + 1 stand in one phrase
     named = [(w[0].isupper() or w[0].isdigit()) and w.lower() not in OPENERS for w in found]
     plain = OPENERS | PREPOSITIONS | RANKS
-    describes = [w.islower() and w.replace("-", "").isalpha() and w not in plain for w in found]
+    describes = [w[0].islower() and w.replace("-", "").replace("'", "").isalpha() and w not in plain for w in found]
     cuts, j = [], 0
     while j < len(found):
         line = text[text.rfind("\n", 0, spans[j][0]) + 1:spans[j][0]]
@@ -302,22 +302,6 @@ def words(text: str) -> frozenset[str]:
 
 
 SUFFIX = re.compile(r"(?:ings?|ed|ers?|ors?|ions?|ly|es|s|e)$")
-
-
-def described(text: str, about: frozenset[str]) -> frozenset[str]:
-    """`about` and the words a text describes it with where it introduces it: after an article, up to four words
-    (not OPENERS) right before its words ("the luxury car brand BMW": luxury, car, brand). What the text asks of
-    its subject is what is left; a description is not a question."""
-    found = [w.lower() for w in WORD.findall(text)]
-    more: set[str] = set()
-    for i, w in enumerate(found):
-        if w in about and i and found[i - 1] not in about:
-            j = i - 1
-            while j >= 0 and i - j <= 4 and found[j] not in OPENERS and found[j] not in about:
-                j -= 1
-            if j >= 0 and j < i - 1 and found[j] in ARTICLES:
-                more.update(found[j + 1:i])
-    return about | more
 
 
 def asks(text: str, about: frozenset[str]) -> frozenset[str]:

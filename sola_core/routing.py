@@ -24,7 +24,8 @@ from registry.errors import CorruptEdit
 
 from .generation import with_positions
 from .config import NAMED_RADIUS, RELATION_RADIUS
-from .keys import KeySource, Mentions, as_it, asked_parts, asks, described, name_runs, overlap, within, words
+from .keys import (KeySource, Mentions, as_it, asked_parts, asks, name_runs, overlap, undescribed, within,
+                   words)
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +83,8 @@ class EditMentions:
         """Whether `text` asks what one of `phrasings` asks once the words `about` are taken out: a word in
         common beyond them ("capital" in "Japan's capital city is" and "The capital of Japan is"; "directed" and
         "director" count as one), or, embedded, two of those words within RELATION_RADIUS ("writer" and
-        "written"), or the two texts, read as "it", within it ("Where is it?" beside "it can be found in"),
-        the query's description of its subject read as "it" too ("the Dutch brewer Heineken": `keys.described`)."""
+        "written"), or the two texts, read as "it", within it ("Where is it?" beside "it can be found in"); the
+        query read without its descriptions (`keys.undescribed`: "the Dutch brewer Heineken" is not a question)."""
         asked = asks(text, about)
         mine_asked = frozenset().union(*(asks(phrasing, about) for phrasing in phrasings))
         if asked & mine_asked:
@@ -91,7 +92,7 @@ class EditMentions:
         if self.embed is None:
             return False
         mine = [as_it(phrasing, about) for phrasing in phrasings] + sorted(mine_asked)
-        theirs = [as_it(part, described(text, about)) for part in asked_parts(text)] + sorted(asked)
+        theirs = list(dict.fromkeys(as_it(undescribed(part), about) for part in asked_parts(text))) + sorted(asked)
         embedded = self.embed(mine + theirs)  # unit rows
         near = 1 - embedded[len(mine):] @ embedded[:len(mine)].T <= RELATION_RADIUS  # (theirs, mine)
         my_texts, their_texts = len(phrasings), len(theirs) - len(asked)  # texts first, then words, on each side
