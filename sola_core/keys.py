@@ -195,6 +195,11 @@ SPACE = re.compile(r"[ \t]+")  # words of one phrase: not across punctuation or 
 TOKEN = re.compile(r"[^\W_][\w'-]*")  # a word with its apostrophes and hyphens: "Schindler's", "Coca-Cola"
 
 
+def at_line_start(text: str, position: int) -> bool:
+    """Whether only a label ("Q: ") stands before `position` on its line: where "The" opens a sentence."""
+    return not unlabelled(text[text.rfind("\n", 0, position) + 1:position])
+
+
 def undescribed(text: str) -> str:
     """The text without the descriptions it introduces its names with: an article, up to two years or capitalised
     words, describing words (lower-case; no OPENERS, prepositions or ranks; the last no verb form), then a name,
@@ -210,8 +215,7 @@ def undescribed(text: str) -> str:
     describes = [w[0].islower() and w.replace("-", "").replace("'", "").isalpha() and w not in plain for w in found]
     cuts, j = [], 0
     while j < len(found):
-        line = text[text.rfind("\n", 0, spans[j][0]) + 1:spans[j][0]]
-        if found[j].lower() in ARTICLES and (found[j].islower() or not unlabelled(line)):
+        if found[j].lower() in ARTICLES and (found[j].islower() or at_line_start(text, spans[j][0])):
             k = j
             while joined[k] and (found[k + 1].isdigit() or found[k + 1].istitle()) and k - j < 2:
                 k += 1  # a year or an adjective: "the 1977 classic Hotel California", "the Swiss watchmaker Rolex"
