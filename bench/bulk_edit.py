@@ -6,6 +6,7 @@ editing of the same facts, with peak memory; then one end-to-end load of --edits
     python bench/bulk_edit.py --edits 0 --sizes 1,16 --sweep 32   # a shorter sweep
     python bench/bulk_edit.py --quick          # seconds (a tiny random Llama)
     python bench/bulk_edit.py --loss-margin 0 --train-dtype float32   # training levers other than the defaults
+    python bench/bulk_edit.py --sizes 1 --sweep 16 --load-batch 64     # the end-to-end load at another batch size
 
 Every configuration edits the same facts into a fresh registry in this one process; batch size 1 is one-by-one
 editing (`edit()` is `edit_many()` of one). Each batched edit must train the very adapter it trains alone, so
@@ -30,6 +31,7 @@ DEFAULT_BATCH = 16  # `sola edit --file`'s default
 args = parse_args(__doc__, edits=(int, 1000, "facts loaded end to end at the default batch size (0: skip)"),
                   sizes=(str, ",".join(map(str, SIZES)), "batch sizes of the sweep (comma-separated; 1 first)"),
                   sweep=(int, SWEEP, "facts edited at every batch size"),
+                  load_batch=(int, DEFAULT_BATCH, "batch size of the end-to-end load"),
                   lr=(float, None, "Adam learning rate (default: the library's)"),
                   loss_margin=(float, None, "the target logit lowered in the loss; 0: plain cross-entropy "
                                             "(default: the library's)"),
@@ -88,11 +90,14 @@ def main() -> None:
         if args.edits:
             with editor("load") as ed, PeakRSS() as rss:
                 start = time.perf_counter()
-                ed.edit_many(facts[:args.edits], train, batch_size=DEFAULT_BATCH)
+                ids = ed.edit_many(facts[:args.edits], train, batch_size=args.load_batch)
                 seconds = time.perf_counter() - start
-            result["load"] = {"edits": args.edits, "batch_size": DEFAULT_BATCH, "seconds": seconds,
-                              "edits_per_s": args.edits / seconds, "peak_rss_bytes": rss.peak}
-            print(f"{args.edits} edits at batch {DEFAULT_BATCH}: {seconds:.0f} s ({args.edits / seconds:.2f} edits/s)",
+                steps = [ed.registry.get(i).info["steps"] for i in ids]
+            result["load"] = {"edits": args.edits, "batch_size": args.load_batch, "seconds": seconds,
+                              "edits_per_s": args.edits / seconds, "mean_steps": statistics.mean(steps),
+                              "peak_rss_bytes": rss.peak}
+            print(f"{args.edits} edits at batch {args.load_batch}: {seconds:.0f} s ({args.edits / seconds:.2f} "
+                  f"edits/s, {statistics.mean(steps):.1f} steps per edit, peak RSS {rss.peak / 2**20:.0f} MiB)",
                   flush=True)
     result["load_avg_end"] = os.getloadavg()
     print(f"load average {os.getloadavg()}", flush=True)

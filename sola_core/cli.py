@@ -316,7 +316,8 @@ def warn_unconverged(rows: list[dict], train: TrainConfig) -> None:
               help='JSONL: {"prompt", "target"} or {"question", "answer"} lines, optionally with "form", '
                    '"paraphrases" and "subject".')
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
-              help="With --file: edits trained together in one batch and stored in one transaction.")
+              help="With --file: edits training at once (a finished one's place goes to the next), and stored per "
+                   "transaction.")
 @training_options
 @json_option
 @click.pass_context

@@ -27,6 +27,8 @@ from .models import block_of, parent_of
 from .routing import Router
 from .train import train_adapters
 
+WINDOW = 32  # edit_many trains this many batches' edits in one go (keys, token ids), the batch kept full throughout
+
 
 class SolaEditor:
     """One model, patched in place, serving and editing one registry."""
@@ -109,12 +111,13 @@ class SolaEditor:
     def edit_many(self, edits: Iterable[dict], train: TrainConfig | None = None, *, batch_size: int = 16,
                   progress: Callable[[int], None] | None = None) -> list[int]:
         """Make many edits (dicts of `edit`'s keyword arguments: prompt, target, optional form, paraphrases and
-        subject), `batch_size` of them trained at once in one batch; returns their ids, in order.
+        subject), `batch_size` of them training at once; returns their ids, in order.
 
         Every edit is checked before the first is trained. Each adapter comes out as `edit` would train it alone
-        (its own rows, loss and stopping rule). Each batch is stored in one write transaction, in order, so a
-        later edit of the same fact supersedes an earlier one exactly as one-by-one edits would, and an
-        interrupted call keeps every batch stored before it. `progress(n)` is called as n more edits are stored.
+        (its own rows, loss, optimizer state and stopping rule); a finished edit's place in the batch goes to the
+        next one. The edits are stored in order, `batch_size` per write transaction, so a later edit of the same
+        fact supersedes an earlier one exactly as one-by-one edits would, and an interrupted call keeps every
+        transaction stored before it. `progress(n)` is called as n more edits are stored.
         """
         if batch_size < 1:
             raise ValidationError(f"batch_size must be at least 1, got {batch_size}")
@@ -123,29 +126,44 @@ class SolaEditor:
             check_edit(self.model, self.tokenizer, e)
         train = train or TrainConfig()
         ids: list[int] = []
-        for start in range(0, len(edits), batch_size):
-            group = edits[start:start + batch_size]
-            ids += self.registry.add_many(self._trained(group, train), batch_size=len(group))
-            if progress is not None:
-                progress(len(group))
+        window = WINDOW * batch_size
+        for start in range(0, len(edits), window):
+            ids += self._edit_window(edits[start:start + window], train, batch_size, progress)
         return ids
 
-    def _trained(self, edits: list[dict], train: TrainConfig) -> list[dict]:
-        """The registry items of `edits` (normal_edit's): keys of every phrasing, adapters trained in one batch."""
-        served = self.tokenize_batch([self._served(text, e["form"]) for e in edits for text in e["phrasings"]])
-        queries, _ = self.router.queries(served)
-        keys = queries[:, 0].cpu().numpy()  # (phrasings, key_dim): each one's whole-text query
+    def _edit_window(self, edits: list[dict], train: TrainConfig, batch_size: int,
+                     progress: Callable[[int], None] | None) -> list[int]:
+        """`edits` (normal_edit's) trained `batch_size` at a time, a finished edit's place taken by the next, and
+        stored in order, `batch_size` per transaction, as soon as all of a transaction's edits are trained."""
+        per_edit = []  # each edit's keys: (phrasings, key_dim), each phrasing's whole-text query
+        for i in range(0, len(edits), batch_size):
+            part = edits[i:i + batch_size]
+            served = self.tokenize_batch([self._served(text, e["form"]) for e in part for text in e["phrasings"]])
+            keys = self.router.queries(served)[0][:, 0].cpu().numpy()
+            per_edit += np.split(keys, np.cumsum([len(e["phrasings"]) for e in part])[:-1])
         cfg = self.registry.config
         shapes = [(spec.in_features, spec.out_features) for spec in cfg.layers]
         groups = [[ex for text in e["phrasings"] for ex in self._examples(text, e["target"], e["form"], train)]
                   for e in edits]
-        trained = train_adapters(self.model, self.router.state, shapes, groups, cfg.rank, cfg.alpha, train,
-                                 block_of(self.model, cfg.layers[0].name))
-        per_edit = np.split(keys, np.cumsum([len(e["phrasings"]) for e in edits])[:-1])  # each edit's key rows
-        return [{"prompt": e["prompt"], "target": e["target"], "keys": k, "adapter": adapter,
-                 "info": {**info, "form": e["form"], "batch": len(edits)},
-                 "paraphrases": e["phrasings"][1:], "subject": e["subject"]}
-                for e, k, (adapter, info) in zip(edits, per_edit, trained)]
+        trained: dict[int, dict] = {}
+        ids: list[int] = []
+
+        def store(g: int, adapter: dict, info: dict) -> None:
+            e = edits[g]
+            trained[g] = {"prompt": e["prompt"], "target": e["target"], "keys": per_edit[g], "adapter": adapter,
+                          "info": {**info, "form": e["form"], "batch": min(batch_size, len(edits))},
+                          "paraphrases": e["phrasings"][1:], "subject": e["subject"]}
+            while len(ids) < len(edits):  # the next transaction's edits, once all of them are trained
+                group = range(len(ids), min(len(ids) + batch_size, len(edits)))
+                if any(i not in trained for i in group):
+                    break
+                ids.extend(self.registry.add_many([trained.pop(i) for i in group], batch_size=len(group)))
+                if progress is not None:
+                    progress(len(group))
+
+        train_adapters(self.model, self.router.state, shapes, groups, cfg.rank, cfg.alpha, train,
+                       block_of(self.model, cfg.layers[0].name), slots=batch_size, done=store)
+        return ids
 
     def _served(self, text: str, form: str) -> str:
         """The text the model sees when `text` is asked in `form`."""

@@ -1,6 +1,7 @@
 """Training edits' adapters against the frozen base model: many at once, each row with only its own edit's adapter."""
 from __future__ import annotations
 
+import itertools
 import math
 import time
 import weakref
@@ -9,7 +10,6 @@ from typing import Callable, Iterator
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.pytorch_utils import Conv1D
 
@@ -37,14 +37,14 @@ Example = tuple[torch.Tensor, int]  # (1, T) token ids, prompt then target; how 
 
 class _Replay(nn.Module):
     """Stands in for a block whose input is the same at every training step: returns what the last replayed
-    block returned once (for the rows now trained). Exact for a decoder that feeds each block's output to the next."""
+    block returned (for the rows now trained). Exact for a decoder that feeds each block's output to the next."""
 
-    def __init__(self, block: nn.Module, rows: "_Rows") -> None:
+    def __init__(self, block: nn.Module, frozen: "_Frozen") -> None:
         super().__init__()
-        self.block, self.rows = block, rows
+        self.block, self.frozen = block, frozen
 
     def forward(self, *args, **kwargs):
-        return self.rows.current
+        return self.frozen.current
 
     def __getattr__(self, name: str):  # models read attributes of their blocks (e.g. attention_type)
         try:
@@ -53,58 +53,94 @@ class _Replay(nn.Module):
             return getattr(self.block, name)
 
 
-class _Rows:
-    """A block output (a tensor, or a tuple of them) and its rows for the forwards to come."""
-
-    def __init__(self, output) -> None:
-        self.output = self.current = output
-        self.batch, self.length = (output if isinstance(output, torch.Tensor) else output[0]).shape[:2]
-
-    def select(self, rows: torch.Tensor, length: int) -> None:
-        """Those rows, cut to their first `length` positions (exact: with right padding and causal attention, no
-        real position depends on a later one)."""
-        def take(t):
-            if not isinstance(t, torch.Tensor) or t.dim() < 2 or t.shape[0] != self.batch:
-                return t
-            return t[rows, :length] if t.shape[1] == self.length else t[rows]
-        self.current = take(self.output) if isinstance(self.output, torch.Tensor) else \
-            type(self.output)(take(t) for t in self.output)
-
-
 class _Reached(Exception):
-    """Ends the replayed blocks' one forward at the last of them."""
+    """Ends a capturing forward at the last replayed block."""
+
+
+class _Frozen:
+    """What blocks[:below] output for each row of a batch, computed once when the row's edit joins the training
+    (`add`), kept while it trains (`drop`), and handed to the blocks above (`select`)."""
+
+    def __init__(self, model: nn.Module, blocks: nn.ModuleList, below: int, batch: "_Batch",
+                 compute: Callable[[], object]) -> None:
+        self.model, self.blocks, self.below, self.batch, self.compute = model, blocks, below, batch, compute
+        self.originals = [blocks[i] for i in range(below)]
+        self.rows: dict[int, tuple] = {}  # batch row -> its outputs' tensors, cut to its length
+        self.form = None  # the block's output (a tensor, or a tuple with _ROW where the rows' tensors go)
+        self.current = None
+
+    def add(self, rows: list[int]) -> None:
+        """One forward (or two, split by length like a training step's) of blocks[:below] over `rows`."""
+        captured = {}
+
+        def stop(module, args, out):
+            captured["out"] = out
+            raise _Reached  # the blocks above (and the head over every position) are not needed
+
+        for i, block in enumerate(self.originals):
+            self.blocks[i] = block
+        hook = self.originals[-1].register_forward_hook(stop)
+        try:
+            for part in _by_length(rows, self.batch.lengths):
+                length = self.batch.lengths[part[0]]
+                try:
+                    with torch.no_grad(), self.compute():
+                        self.model(**self.batch.inputs(torch.tensor(part, device=self.batch.ids.device), length))
+                except _Reached:
+                    pass
+                out = captured.pop("out")
+                parts = (out,) if isinstance(out, torch.Tensor) else tuple(out)
+                if self.form is None:
+                    self.form = out if isinstance(out, torch.Tensor) else tuple(
+                        _ROW if _per_row(t, len(part), length) else t for t in out)
+                for k, row in enumerate(part):
+                    n = self.batch.lengths[row]
+                    self.rows[row] = tuple(t[k, :n] for t in parts if _per_row(t, len(part), length))
+        finally:
+            hook.remove()
+            for i in range(self.below):
+                self.blocks[i] = _Replay(self.originals[i], self)
+
+    def drop(self, rows: list[int]) -> None:
+        for row in rows:
+            del self.rows[row]
+
+    def select(self, rows: list[int]) -> None:
+        """The forwards that follow are given those rows, right-padded to the longest (exact: with causal attention
+        no real position depends on a later one)."""
+        padded = [nn.utils.rnn.pad_sequence([self.rows[r][i] for r in rows], batch_first=True)
+                  for i in range(len(self.rows[rows[0]]))]
+        if isinstance(self.form, torch.Tensor):
+            self.current = padded[0]
+        else:
+            filled = iter(padded)
+            self.current = type(self.form)(next(filled) if t is _ROW else t for t in self.form)
+
+    def restore(self) -> None:
+        for i, block in enumerate(self.originals):
+            self.blocks[i] = block
+
+
+_ROW = object()
+
+
+def _per_row(t, rows: int, length: int) -> bool:
+    return isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[:2] == (rows, length)
 
 
 @contextmanager
-def replaying(model: nn.Module, blocks: nn.ModuleList, below: int, inputs: dict,
-              compute: Callable[[], object]) -> Iterator[Callable]:
-    """Nothing below the first edited layer changes while adapters train, so blocks[:below] run once on `inputs`
-    (inside `compute()`, the training forwards' autocast) and then replay: each step computes only the blocks
-    from the edited one up (on SmolLM2, 6 of 30). Yields `select(rows, length)`: the forwards that follow are
-    given only those rows of `inputs`, that long."""
-    captured = {}
-
-    def stop(module, args, out):
-        captured["out"] = out
-        raise _Reached  # the blocks above (and the head over every position) are not needed
-
-    hook = blocks[below - 1].register_forward_hook(stop)
-    try:
-        with torch.no_grad(), compute():
-            model(**inputs)
-    except _Reached:
-        pass
-    finally:
-        hook.remove()
-    rows = _Rows(captured["out"])
-    originals = [blocks[i] for i in range(below)]
+def replaying(model: nn.Module, blocks: nn.ModuleList, below: int, batch: "_Batch",
+              compute: Callable[[], object]) -> Iterator[_Frozen]:
+    """Nothing below the first edited layer changes while adapters train, so blocks[:below] run once per row
+    (`_Frozen.add`, inside `compute()`, the training forwards' autocast) and then replay: each step computes only
+    the blocks from the edited one up (on SmolLM2, 6 of 30)."""
+    frozen = _Frozen(model, blocks, below, batch, compute)
     for i in range(below):
-        blocks[i] = _Replay(originals[i], rows)
+        blocks[i] = _Replay(frozen.originals[i], frozen)
     try:
-        yield rows.select
+        yield frozen
     finally:
-        for i, block in enumerate(originals):
-            blocks[i] = block
+        frozen.restore()
 
 
 @contextmanager
@@ -200,101 +236,165 @@ class _Batch:
         self.rows, self.positions = torch.tensor(rows, device=device), torch.tensor(positions, device=device)
         self.lengths = lengths
         self.targets = self.ids[self.rows, self.positions + 1]  # (N,)
+        self.first = [0, *itertools.accumulate(len(group) for group in groups)]  # each group's first row
 
-    def inputs(self, rows: torch.Tensor | None = None, length: int | None = None) -> dict:
-        ids, mask = (self.ids, self.mask) if rows is None else (self.ids[rows, :length], self.mask[rows, :length])
-        return {"input_ids": ids, "attention_mask": mask, "use_cache": False}
+    def rows_of(self, groups: list[int]) -> list[int]:
+        return [row for g in groups for row in range(self.first[g], self.first[g + 1])]
+
+    def inputs(self, rows: torch.Tensor, length: int) -> dict:
+        return {"input_ids": self.ids[rows, :length], "attention_mask": self.mask[rows, :length], "use_cache": False}
 
 
-def fit(model: nn.Module, groups: list[list[Example]], params: list[torch.Tensor], cfg: TrainConfig,
-        frozen: tuple[nn.ModuleList, int] | None = None, *, select: Callable[[torch.Tensor], None] | None = None,
-        done: Callable[[int, dict], None] | None = None) -> list[dict]:
-    """Adam on `params` until every example of a group predicts its target after its prompt, for every group at
-    once. Each group's loss is its own mean, and the caller makes each group train its own parameters
-    (`select(owner)` is called with the group of each row before the forwards that follow), so a group trains
-    exactly as it would alone; a finished group leaves the batch and `done(g, info)` is called while its
-    parameters are as it finished them. With `frozen` = (blocks, i), blocks[:i] are replayed (`replaying`).
+def fit(model: nn.Module, groups: list[list[Example]], params: list[torch.Tensor], init: list[torch.Tensor],
+        cfg: TrainConfig, frozen: tuple[nn.ModuleList, int] | None = None, *,
+        select: Callable[[torch.Tensor], None] | None = None,
+        done: Callable[[int, int, dict], None] | None = None) -> list[dict]:
+    """Adam on `params` until every example of a group predicts its target after its prompt, for many groups at
+    once. `params` are stacked per slot (each (slots, ...)); a group trains in a slot that starts from `init`
+    with its own Adam state, and the caller makes each row use its own slot's parameters (`select(slots)` is called
+    with the slot of each row before the forwards that follow), so a group trains exactly as it would alone. Each
+    group's loss is its own mean. A finished group leaves, `done(g, slot, info)` is called while its slot holds
+    its parameters as it finished, and the next group takes the slot: the batch stays full until the groups run
+    out, instead of waiting on its slowest group. With `frozen` = (blocks, i), blocks[:i] are replayed.
 
     Teacher-forced argmax equal to the target at every target position means greedy generation produces
     exactly the target, so a group stops as soon as that holds for each of its examples with `cfg.margin` to spare.
-    In bfloat16 (`compute_dtype`, which each info names) every forward (the replayed blocks' one too, and so the
+    In bfloat16 (`compute_dtype`, which each info names) every forward (the replayed blocks' too, and so the
     margins) runs in bfloat16 (`computing`); the parameters stay float32.
     """
     batch = _Batch(groups)
     where = {"rows": batch.rows, "positions": batch.positions}
     infos: list[dict] = [{} for _ in groups]
-    start = time.perf_counter()
     dtype = compute_dtype(cfg, batch.ids.device)
+    slots = params[0].shape[0]
     with ExitStack() as stack:
         compute = stack.enter_context(computing(model, dtype, batch.ids.device))
-        take = stack.enter_context(replaying(model, *frozen, batch.inputs(), compute)) \
+        replay = stack.enter_context(replaying(model, *frozen, batch, compute)) \
             if frozen and frozen[1] > 0 else None
         stack.enter_context(targets_only(model, where))
-        opt = torch.optim.Adam(params, lr=cfg.lr)
-        active, steps, shown = list(range(len(groups))), 0, None
-        while active:
+        adam = _Adam(params, cfg.lr)
+        waiting, free, active, shown = list(range(len(groups)))[::-1], list(range(slots))[::-1], [], None
+        slot_of, steps, start = torch.zeros(len(groups), dtype=torch.long), [0] * len(groups), [0.0] * len(groups)
+        while waiting or active:
+            joining = []
+            while free and waiting:  # waiting groups take the free slots, in order
+                g, slot = waiting.pop(), free.pop()
+                adam.restart(slot, init)
+                slot_of[g], start[g] = slot, time.perf_counter()
+                joining.append(g)
+            if joining:
+                active += joining  # still ascending: groups join in order
+                if replay is not None and any(row not in replay.rows for row in batch.rows_of(joining)):
+                    # these and the next `slots` waiting groups in one forward: a few rows at a time cost
+                    # the lower blocks' fixed overhead at nearly every step
+                    replay.add([row for row in batch.rows_of(joining + waiting[::-1][:slots])
+                                if row not in replay.rows])
             if active != shown:  # the batch as it now is: the rows of the groups still training
                 chunks, targets, group = _chunks(batch, active)
                 shown = list(active)
             with compute():
-                logits = torch.cat([_forward(model, batch, chunk, where, take, select) for chunk in chunks])
+                logits = torch.cat([_forward(model, batch, chunk, where, replay, select, slot_of)
+                                    for chunk in chunks])
             margins, losses = _losses(logits, targets, group, len(active), cfg.loss_margin)
-            finished = [k for k, m in enumerate(margins) if m >= cfg.margin or steps >= cfg.max_steps]
+            finished = [k for k, m in enumerate(margins) if m >= cfg.margin or steps[active[k]] >= cfg.max_steps]
             for k in finished:
                 g, m = active[k], margins[k]
-                infos[g] = {"steps": steps, "loss": losses[k].item(), "margin": m, "converged": m > 0,
+                infos[g] = {"steps": steps[g], "loss": losses[k].item(), "margin": m, "converged": m > 0,
                             "stopped_short": m < cfg.margin, "examples": len(groups[g]), "dtype": dtype,
-                            "seconds": round(time.perf_counter() - start, 4)}
+                            "seconds": round(time.perf_counter() - start[g], 4)}
                 if done is not None:
-                    done(g, infos[g])
-            if len(finished) == len(active):
-                break
-            opt.zero_grad()
-            losses[[k for k in range(len(active)) if k not in finished]].sum().backward(inputs=params)
-            opt.step()  # elementwise: a finished group's parameters may drift now, but it was kept in `done`
-            steps += 1
-            active = [g for k, g in enumerate(active) if k not in finished]
+                    done(g, int(slot_of[g]), infos[g])
+                free.append(int(slot_of[g]))
+            training = [k for k in range(len(active)) if k not in finished]
+            if training:
+                for p in params:
+                    p.grad = None
+                losses[training].sum().backward(inputs=params)
+                adam.step(slot_of[[active[k] for k in training]])
+                for k in training:
+                    steps[active[k]] += 1
+            if finished:
+                if replay is not None:
+                    replay.drop(batch.rows_of([active[k] for k in finished]))
+                active = [active[k] for k in training]
     return infos
 
 
-Chunk = tuple[torch.Tensor, int, torch.Tensor]  # batch rows, the length they are cut to, their target tokens
+class _Adam:
+    """torch.optim.Adam's update (no weight decay) on parameters stacked per slot, each slot with its own moments
+    and step count: a slot restarts when the next group takes it, and only the slots still training step."""
+
+    def __init__(self, params: list[torch.Tensor], lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8) -> None:
+        self.params, self.lr, self.betas, self.eps = params, lr, betas, eps
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+        self.t = torch.zeros(params[0].shape[0], dtype=torch.float64)
+
+    def restart(self, slot: int, init: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for p, m, v, p0 in zip(self.params, self.m, self.v, init):
+                p[slot], m[slot], v[slot] = p0, 0, 0
+        self.t[slot] = 0
+
+    @torch.no_grad()
+    def step(self, slots: torch.Tensor) -> None:
+        b1, b2 = self.betas
+        self.t[slots] += 1
+        t = self.t[slots]
+        root = (1 - b2 ** t).sqrt().float().to(self.params[0].device)
+        step_size = (self.lr / (1 - b1 ** t)).float().to(self.params[0].device)
+        slots = slots.to(self.params[0].device)
+        for p, m, v in zip(self.params, self.m, self.v):
+            shape = (-1,) + (1,) * (p.dim() - 1)
+            g = p.grad[slots]
+            m[slots] = mm = m[slots].lerp_(g, 1 - b1)
+            v[slots] = vv = v[slots].mul_(b2).addcmul_(g, g, value=1 - b2)
+            p[slots] = p[slots] - step_size.view(shape) * mm / (vv.sqrt() / root.view(shape) + self.eps)
+
+
+Chunk = tuple[list[int], int, torch.Tensor]  # batch rows, the length they are cut to, their target tokens
 
 
 SPLIT_TOKENS = 256  # a second forward per step costs about as much as this many more padded tokens (SmolLM2, CPU)
 
 
-def _chunks(batch: _Batch, active: list[int]) -> tuple[list[Chunk], torch.Tensor, torch.Tensor]:
-    """The rows of the `active` groups in one forward, or in two (the longest rows, then the rest) where that saves
-    more than SPLIT_TOKENS of padding: in a batch, bare prompts need not be padded to the length of chat-templated
-    ones, while a single edit's two rows stay in one forward. Also every target token in chunk order and its
-    group (position in `active`)."""
-    member = set(active)
-    rows = sorted((i for i, g in enumerate(batch.owner.tolist()) if g in member), key=lambda i: -batch.lengths[i])
-    lengths = [batch.lengths[i] for i in rows]
-    cost = lambda k: k * lengths[0] + (len(rows) - k) * lengths[k] + SPLIT_TOKENS  # noqa: E731  split before row k
+def _by_length(rows: list[int], lengths: list[int]) -> list[list[int]]:
+    """`rows`, longest first, in one forward or in two (the longest rows, then the rest) where that saves more
+    than SPLIT_TOKENS of padding: in a batch, bare prompts need not be padded to the length of chat-templated
+    ones, while a single edit's two rows stay in one forward."""
+    rows = sorted(rows, key=lambda i: -lengths[i])
+    sizes = [lengths[i] for i in rows]
+    cost = lambda k: k * sizes[0] + (len(rows) - k) * sizes[k] + SPLIT_TOKENS  # noqa: E731  split before row k
     split = min(range(1, len(rows)), key=cost, default=None)
-    parts = [rows] if split is None or cost(split) >= len(rows) * lengths[0] else [rows[:split], rows[split:]]
+    return [rows] if split is None or cost(split) >= len(rows) * sizes[0] else [rows[:split], rows[split:]]
+
+
+def _chunks(batch: _Batch, active: list[int]) -> tuple[list[Chunk], torch.Tensor, torch.Tensor]:
+    """The rows of the `active` groups (ascending), split by length (`_by_length`), and every target token in
+    chunk order and its group (position in `active`)."""
     chunks = []
-    for part in parts:
-        members = torch.tensor(part, device=batch.owner.device)
-        tokens = torch.isin(batch.rows, members).nonzero().flatten()  # its target tokens, in batch order
-        chunks.append((members, batch.lengths[part[0]], tokens))
+    for part in _by_length(batch.rows_of(active), batch.lengths):
+        tokens = torch.isin(batch.rows, torch.tensor(part, device=batch.rows.device)).nonzero().flatten()
+        chunks.append((part, batch.lengths[part[0]], tokens))  # its target tokens, in batch order
     tokens = torch.cat([t for _, _, t in chunks])
     group = torch.searchsorted(torch.tensor(active, device=tokens.device), batch.owner[batch.rows[tokens]])
     return chunks, batch.targets[tokens], group
 
 
-def _forward(model, batch: _Batch, chunk: Chunk, where: dict, take, select) -> torch.Tensor:
+def _forward(model, batch: _Batch, chunk: Chunk, where: dict, replay: _Frozen | None, select,
+             slot_of: torch.Tensor) -> torch.Tensor:
     """(n, vocab) logits of one chunk's target tokens: the head, the replayed blocks and the adapters (`select`:
-    each row's) all see only its rows."""
-    members, length, tokens = chunk
+    each row's slot) all see only its rows."""
+    part, length, tokens = chunk
+    members = torch.tensor(part, device=batch.owner.device)
     local = torch.full_like(batch.owner, -1)
     local[members] = torch.arange(len(members), device=members.device)  # batch row -> row of this forward
     where["rows"], where["positions"] = local[batch.rows[tokens]], batch.positions[tokens]
-    if take is not None:
-        take(members, length)
+    if replay is not None:
+        replay.select(part)
     if select is not None:
-        select(batch.owner[members])
+        select(slot_of[batch.owner[members].cpu()].to(members.device))
     logits = model(**batch.inputs(members, length)).logits  # (n, vocab) where targets_only took hold
     return (logits if logits.dim() == 2 else logits[where["rows"], where["positions"]]).float()
 
@@ -306,13 +406,16 @@ def _losses(logits: torch.Tensor, targets: torch.Tensor, group: torch.Tensor, co
     first lowered by `lowered` (an additive-margin softmax): plain cross-entropy fades once a token is likely,
     and then left the last tokens short of the stopping margin to crawl up, while the loss stays alive until every
     target leads by about `lowered`."""
-    detached = logits.detach()
-    picked = detached.gather(1, targets[:, None]).squeeze(1)
-    others = detached.scatter(1, targets[:, None], float("-inf")).max(dim=1).values
-    margins = torch.full((count,), float("inf")).scatter_reduce(0, group.cpu(), (picked - others).cpu(), "amin")
-    if lowered:
-        logits = logits.scatter_add(1, targets[:, None], logits.new_full((len(targets), 1), -lowered))
-    token_loss = F.cross_entropy(logits, targets, reduction="none")  # (N,)
+    picked = logits.gather(1, targets[:, None]).squeeze(1)  # (N,)
+    top2 = logits.detach().topk(2, dim=1)
+    others = torch.where(top2.indices[:, 0] == targets, top2.values[:, 1], top2.values[:, 0])
+    margins = torch.full((count,), float("inf")).scatter_reduce(0, group.cpu(), (picked.detach() - others).cpu(),
+                                                              "amin")
+    # cross-entropy with the target's logit t lowered, in closed form over the logits' logsumexp s (no second
+    # (N, vocab) tensor): log(exp(s) - exp(t) + exp(t - lowered)) - (t - lowered), the log's argument >= exp(-lowered)
+    total = logits.logsumexp(dim=1)
+    share = torch.exp(picked - total) * math.expm1(-lowered)  # in (-1, 0]
+    token_loss = total + torch.log1p(share) - (picked - lowered)  # (N,)
     sums = torch.zeros(count, device=logits.device).index_add(0, group, token_loss)
     counts = torch.zeros(count, device=logits.device).index_add(0, group, torch.ones_like(token_loss))
     return margins.tolist(), sums / counts
@@ -320,22 +423,29 @@ def _losses(logits: torch.Tensor, targets: torch.Tensor, group: torch.Tensor, co
 
 def train_adapters(model: nn.Module, state: RoutingState, shapes: list[tuple[int, int]],
                    groups: list[list[Example]], rank: int, alpha: float, cfg: TrainConfig,
-                   frozen: tuple[nn.ModuleList, int] | None = None) -> list[tuple[dict[str, torch.Tensor], dict]]:
-    """A fresh adapter per group of examples (one edit's), all trained in one batch: each forced on its own rows
-    only (earlier edits are not routed), starting from the same initial adapter and stopping by its own margin,
-    so each comes out as it would trained alone. Then frozen, on the CPU."""
+                   frozen: tuple[nn.ModuleList, int] | None = None, *, slots: int | None = None,
+                   done: Callable[[int, dict[str, torch.Tensor], dict], None] | None = None
+                   ) -> list[tuple[dict[str, torch.Tensor], dict]]:
+    """A fresh adapter per group of examples (one edit's), `slots` of them (default: all) trained at once: each
+    forced on its own rows only (earlier edits are not routed), starting from the same initial adapter and stopping
+    by its own margin, so each comes out as it would trained alone. Frozen, on the CPU, and handed to
+    `done(g, adapter, info)` as each finishes; also returned, in order."""
     device = groups[0][0][0].device
-    params = [(nn.Parameter(A.detach().expand(len(groups), *A.shape).clone()),
-               nn.Parameter(B.detach().expand(len(groups), *B.shape).clone()))
-              for A, B in new_adapter(shapes, rank, cfg.seed, device)]  # (G, r, in), (G, out, r)
-    adapters: list[dict[str, torch.Tensor]] = [{} for _ in groups]
+    slots = min(slots or len(groups), len(groups))
+    init = [t.detach() for pair in new_adapter(shapes, rank, cfg.seed, device) for t in pair]  # A0, B0, A1, ...
+    params = [nn.Parameter(t.expand(slots, *t.shape).clone()) for t in init]  # (slots, r, in), (slots, out, r)
+    results: list = [None] * len(groups)
 
-    def keep(g: int, info: dict) -> None:
-        for i, (A, B) in enumerate(params):
-            a, b = adapter_names(i)
-            adapters[g][a], adapters[g][b] = A[g].detach().float().cpu().clone(), B[g].detach().float().cpu().clone()
+    def keep(g: int, slot: int, info: dict) -> None:
+        adapter = {}
+        for i in range(len(shapes)):
+            for name, p in zip(adapter_names(i), params[2 * i:2 * i + 2]):
+                adapter[name] = p[slot].detach().float().cpu().clone()
+        results[g] = (adapter, info)
+        if done is not None:
+            done(g, adapter, info)
 
-    with state.forcing(params, alpha / rank):
-        infos = fit(model, groups, [p for pair in params for p in pair], cfg, frozen,
-                    select=lambda owner: setattr(state, "forced_rows", owner), done=keep)
-    return list(zip(adapters, infos))
+    with state.forcing(list(zip(params[0::2], params[1::2])), alpha / rank):
+        fit(model, groups, params, init, cfg, frozen, select=lambda rows: setattr(state, "forced_rows", rows),
+            done=keep)
+    return results

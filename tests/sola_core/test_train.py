@@ -9,7 +9,7 @@ from sola_core.models import block_of, default_layers
 from sola_core.routing import RoutingState
 from sola_core.layer import SolaLayer, linear_shape
 from sola_core.config import TrainConfig
-from sola_core.train import _losses, train_adapters, weights_in
+from sola_core.train import _Adam, _losses, train_adapters, weights_in
 
 
 def patched(model):
@@ -105,3 +105,27 @@ def weights_seen(model):
     """What each weight holds inside a bfloat16 fit, by id."""
     with weights_in(model, torch.bfloat16):
         return {id(p): p.data for p in model.parameters()}
+
+
+def test_each_slot_steps_as_torch_adam_would_alone():
+    """A slot's parameters follow torch.optim.Adam exactly, whatever the other slots do and however late it
+    started: what lets a freed slot take the next edit."""
+    torch.manual_seed(0)
+    init = [torch.randn(3, 4), torch.randn(5)]
+    params = [torch.nn.Parameter(t.expand(2, *t.shape).clone()) for t in init]
+    adam = _Adam(params, lr=0.05)
+    alone = [torch.nn.Parameter(t.clone()) for t in init]
+    reference = torch.optim.Adam(alone, lr=0.05)
+    grads = [[torch.randn_like(t) for t in init] for _ in range(6)]
+    for step, g in enumerate(grads + grads[:2]):
+        if step == 6:  # slot 0 takes a new group: back to the start, and it must follow the reference again
+            adam.restart(0, init)
+            alone = [torch.nn.Parameter(t.clone()) for t in init]
+            reference = torch.optim.Adam(alone, lr=0.05)
+        for p, a, gi in zip(params, alone, g):
+            p.grad = torch.stack([gi, torch.randn_like(gi)])  # slot 1's gradient never reaches slot 0
+            a.grad = gi.clone()
+        adam.step(torch.tensor([0] if step % 3 == 2 else [0, 1]))  # slot 1 skips some steps
+        reference.step()
+        for p, a in zip(params, alone):
+            assert torch.allclose(p[0], a, atol=1e-6), step
