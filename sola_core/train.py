@@ -234,8 +234,8 @@ class _Batch:
             rows += [i] * n
             positions += range(length - n - 1, length - 1)  # each target token is predicted one position earlier
         self.rows, self.positions = torch.tensor(rows, device=device), torch.tensor(positions, device=device)
-        self.lengths = lengths
         self.targets = self.ids[self.rows, self.positions + 1]  # (N,)
+        self.lengths = [n - 1 for n in lengths]  # what the forwards read: a row's last token predicts nothing
         self.first = [0, *itertools.accumulate(len(group) for group in groups)]  # each group's first row
 
     def rows_of(self, groups: list[int]) -> list[int]:
