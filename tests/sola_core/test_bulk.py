@@ -4,7 +4,8 @@ import torch
 
 from registry import EditRegistry
 from registry.errors import ValidationError
-from sola_core import EditConfig, SolaEditor, TrainConfig
+from sola_core import EditConfig, SolaEditor, TrainConfig, editor
+from sola_core.editor import WINDOW
 from tests.sola_core.test_chat import CHATML, with_template
 
 CONFIG = EditConfig(key_source="layer", threshold=1e-4)
@@ -54,7 +55,9 @@ def test_the_same_fact_twice_in_one_batch_supersedes_as_one_by_one(tmp_path, lla
     assert breplies[0].startswith(" Rome")
 
 
-def test_each_batch_is_stored_as_it_finishes_in_order(tmp_path, llama, tokenizer):
+@pytest.mark.parametrize("window", [WINDOW, 1])  # 1: every two edits trained in a window of their own
+def test_each_batch_is_stored_as_it_finishes_in_order(tmp_path, llama, tokenizer, monkeypatch, window):
+    monkeypatch.setattr(editor, "WINDOW", window)
     stored = []
     with SolaEditor.open(tmp_path / "r", llama, with_template(tokenizer, CHATML), config=CONFIG) as ed:
         ids = ed.edit_many(EDITS, TRAIN, batch_size=2, progress=lambda n: stored.append((n, ed.registry.count())))
