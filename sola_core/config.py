@@ -24,6 +24,10 @@ NAMED_RADIUS = 0.35
 # two texts, embedded within this cosine distance (routing.EditMentions). Another relation of the same subject names
 # it too, and asks otherwise.
 RELATION_RADIUS = 0.5
+# An edit that names nothing (a lower-case subject: "The inventor of the revolver is") routes a query within
+# NAMED_RADIUS by the words both share, but those it shares with the other edits among the query's this many nearest
+# keys: those are the relation's ("invented", "symbol"), the rest are its subject's (routing.EditMentions).
+NEARBY = 8
 FORMS = ("completion", "question", "chat")  # how an edit's prompt is asked (SolaEditor.edit)
 ENCODER_DTYPES = ("auto", "float32", "bfloat16")  # compute dtype of the encoder key source
 TRAIN_DTYPES = ("auto", "float32", "bfloat16")  # compute dtype of an edit's training forwards (TrainConfig.dtype)

@@ -300,6 +300,21 @@ def overlap(one: frozenset[str], other: frozenset[str]) -> bool:
     return any(same_word(w, v) for w in one for v in other)
 
 
+def refilled(text: str, other: str) -> bool:
+    """Whether `other` is `text` with one run of words put in place of another, the rest as it stands: "Which
+    animal class includes the crab?" beside "Which animal class includes the scorpion?". The same question of
+    something else, however near the two embed."""
+    a, b = [w.lower() for w in WORD.findall(text)], [w.lower() for w in WORD.findall(other)]
+    start = 0
+    while start < min(len(a), len(b)) and a[start] == b[start]:
+        start += 1
+    end = 0
+    while end < min(len(a), len(b)) - start and a[-1 - end] == b[-1 - end]:
+        end += 1
+    mine, theirs = a[start:len(a) - end], b[start:len(b) - end]
+    return bool(start + end and mine and theirs) and not set(mine) & set(theirs)
+
+
 def words(text: str) -> frozenset[str]:
     """A text's words, lowercased, but the OPENERS: what a subject is made of ("the Mona Lisa": mona, lisa)."""
     return frozenset(w for w in map(str.lower, WORD.findall(text)) if w not in OPENERS)

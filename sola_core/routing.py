@@ -23,9 +23,9 @@ from registry import AdapterCache, EditRegistry
 from registry.errors import CorruptEdit
 
 from .generation import with_positions
-from .config import NAMED_RADIUS, RELATION_RADIUS
-from .keys import (KeySource, Mentions, as_it, asked_parts, asks, name_runs, overlap, undescribed, within,
-                   words)
+from .config import NAMED_RADIUS, NEARBY, RELATION_RADIUS
+from .keys import (KeySource, Mentions, as_it, asked_parts, asks, name_runs, overlap, refilled, undescribed,
+                   within, words)
 
 log = logging.getLogger(__name__)
 
@@ -41,18 +41,28 @@ class EditMentions:
     is" beside an edit of "Romania is located on the continent of") names it too, and asks something else.
     `names_another` says whether a query's names contradict the edit's (another subject).
 
+    An edit that names nothing and has no subject ("The inventor of the revolver is") is about the words a query
+    shares with it but not with the other edits nearest the query (`nearby`): those are the relation's ("inventor",
+    "symbol"), the rest the subject's ("revolver"). A query that is one of its phrasings with one run of words
+    put in place of another ("Which animal class includes the crab?" beside "... the scorpion?") asks the same of
+    something else (`keys.refilled`).
+
     `embed` (the encoder key source's) compares what is asked by embedding; without it only a shared word does."""
 
     def __init__(self, registry: EditRegistry, embed: Callable[[list[str]], torch.Tensor] | None = None) -> None:
         self.registry, self.embed = registry, embed
-        self._known: dict[int, tuple[list[str], frozenset[str], frozenset[str], tuple[frozenset[str], ...]]] = {}
+        self._known: dict[int, tuple[list[str], frozenset[str], frozenset[str], tuple[frozenset[str], ...],
+                                     frozenset[str]]] = {}
 
-    def _read(self, edit_id: int) -> tuple[list[str], frozenset[str], frozenset[str], tuple[frozenset[str], ...]]:
+    def _read(self, edit_id: int) -> tuple[list[str], frozenset[str], frozenset[str], tuple[frozenset[str], ...],
+                                           frozenset[str]]:
+        """(phrasings, names, subject's words, name runs, all words of its phrasings)."""
         if edit_id not in self._known:
             record = self.registry.get(edit_id)
             phrasings = [record.prompt, *record.paraphrases]
             runs = tuple(run for t in phrasings for run in name_runs(t, openings=True))
-            self._known[edit_id] = (phrasings, frozenset().union(*runs), words(record.subject or ""), runs)
+            said = frozenset().union(*map(words, phrasings))
+            self._known[edit_id] = (phrasings, frozenset().union(*runs), words(record.subject or ""), runs, said)
         return self._known[edit_id]
 
     def names_another(self, edit_id: int, query: Mentions) -> bool:
@@ -72,12 +82,24 @@ class EditMentions:
             return True
         return any(not any(within(q, e) or within(e, q) for e in es) for q, es in touching)
 
-    def __call__(self, edit_id: int, query: Mentions) -> bool:
-        phrasings, named, subject, _ = self._read(edit_id)
-        said = subject if subject and subject <= query.words else frozenset()
-        if not (query.names & named or said):
+    def __call__(self, edit_id: int, query: Mentions, nearby: Callable[[], set[int]] = set) -> bool:
+        phrasings, named, subject, _, _ = self._read(edit_id)
+        if not (named or subject):
+            return self._asks_unnamed(edit_id, query, nearby)
+        about = subject if subject and subject <= query.words else frozenset()
+        if not (query.names & named or about):
             return False
-        return self.asks_the_same(phrasings, query.text, (query.words & named) | said)
+        return self.asks_the_same(phrasings, query.text, (query.words & named) | about)
+
+    def _asks_unnamed(self, edit_id: int, query: Mentions, nearby: Callable[[], set[int]]) -> bool:
+        phrasings, _, _, _, said = self._read(edit_id)
+        shared = frozenset(w for w in query.words & said if len(w) > 1)
+        if shared:
+            shared = shared.difference(*(self._read(other)[4] for other in nearby() - {edit_id}))
+        parts = asked_parts(query.text)
+        if not shared or any(refilled(phrasing, part) for phrasing in phrasings for part in parts):
+            return False
+        return self.asks_the_same(phrasings, query.text, shared)
 
     def asks_the_same(self, phrasings: list[str], text: str, about: frozenset[str]) -> bool:
         """Whether `text` asks what one of `phrasings` asks once the words `about` are taken out: a word in
@@ -108,7 +130,8 @@ def nearest_edits(registry: EditRegistry, queries: torch.Tensor, mentions: list[
     With `mentions` (per row, what its text mentions) a row whose nearest key lies beyond the threshold but
     within NAMED_RADIUS routes to that edit too when it names something the edit's phrasings name, or every word
     of the edit's subject, and asks what the edit asks (`edit_mentions`); and no row routes to an edit whose
-    names its own contradict, however near (`EditMentions.names_another`: "South Korea" beside "North Korea")."""
+    names its own contradict, however near (`EditMentions.names_another`: "South Korea" beside "North Korea").
+    An edit that names nothing is told from its neighbours by the edits among the row's NEARBY nearest keys."""
     rows, per_row, dim = queries.shape
     named = mentions is not None and edit_mentions is not None
     dists, ids = registry.match(queries.reshape(rows * per_row, dim), distances=True,
@@ -119,8 +142,9 @@ def nearest_edits(registry: EditRegistry, queries: torch.Tensor, mentions: list[
     if named:
         for row in (ids >= 0).nonzero().flatten().tolist():
             edit_id, query = int(ids[row]), mentions[row]
+            nearby = functools.partial(registry.near, queries[row], NEARBY)
             if edit_mentions.names_another(edit_id, query) or (
-                    dists[row] > registry.config.threshold and not edit_mentions(edit_id, query)):
+                    dists[row] > registry.config.threshold and not edit_mentions(edit_id, query, nearby)):
                 ids[row] = -1
     return ids
 

@@ -42,6 +42,19 @@ def test_every_phrasing_routes_to_its_edit_and_all_leave_together(reg):
     assert reg.verify().ok
 
 
+def test_near_gives_the_active_edits_among_each_rows_nearest_keys(reg):
+    """What the router reads as the edits around a query: an edit counts once however many of its keys are near,
+    a rolled-back one not at all, and a NaN row (a query's padding) finds nothing."""
+    edit = reg.add("p1", "t1", phrased(1), make_adapter(reg.config, 1), paraphrases=PARAPHRASES)
+    other = reg.add("p2", "t2", make_key(2), make_adapter(reg.config, 2))
+    padding = np.full(len(make_key(1)), np.nan, dtype=np.float32)
+    assert reg.near(np.stack([make_key(1), padding]), 1) == {edit}
+    assert reg.near(np.stack([make_key(1), make_key(2)]), 1) == {edit, other}
+    assert reg.near(make_key(1)[None], 4) == {edit, other}  # all four keys
+    reg.rollback(edit)
+    assert reg.near(make_key(1)[None], 4) == {other}
+
+
 def test_a_paraphrase_key_shields_its_inputs_after_rollback(tmp_path):
     """A tombstone covers every phrasing: a neighbour near a paraphrase does not take over its inputs."""
     with EditRegistry.create(tmp_path / "r", make_config(threshold=0.3, supersede_within=1e-3)) as reg:

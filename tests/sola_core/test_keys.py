@@ -6,7 +6,7 @@ from registry.errors import ValidationError
 from sola_core import EditConfig, RuntimeConfig, SolaEditor, TrainConfig
 from sola_core.config import NAMED_RADIUS, RELATION_RADIUS
 from sola_core.keys import (EncoderKey, LayerKey, Mentions, as_it, asked_parts, asks, key_source, name_runs, names,
-                            same_word, stem, undescribed, unlabelled, words)
+                            refilled, same_word, stem, undescribed, unlabelled, words)
 
 TRAIN = TrainConfig(lr=5e-2, max_steps=200, margin=1.0)
 
@@ -163,7 +163,8 @@ def test_an_edit_opening_with_its_subject_routes_queries_that_name_it(tmp_path, 
 
 def test_an_edit_given_its_subject_routes_queries_that_say_all_of_it(tmp_path, llama, tokenizer):
     """A subject named by common nouns has no proper noun to route by: given with the edit, a query within
-    NAMED_RADIUS that says every word of it routes; a neighbour of the same relation as near does not."""
+    NAMED_RADIUS that says every word of it routes; a neighbour of the same relation as near does not. Without
+    it, the words the query shares with the edit stand for its subject (the next test) and route the same."""
     prompt, reworded = "The telephone was invented by", "The first practical telephone was devised by"
     neighbour = "The mobile phone was invented by"
     assert words("the telephone") == {"telephone"} and words("The Mona Lisa") == {"mona", "lisa"}
@@ -171,7 +172,7 @@ def test_an_edit_given_its_subject_routes_queries_that_say_all_of_it(tmp_path, l
         plain = editor.edit(prompt, " Edison", TRAIN)
         dist = 1 - editor.router.keys.embed([reworded, neighbour]) @ editor.key(prompt)
         assert (editor.registry.config.threshold < dist).all() and (dist < NAMED_RADIUS).all()
-        assert editor.route([reworded, neighbour]) == [None, None]
+        assert editor.route([reworded, neighbour]) == [plain, None]
         eid = editor.edit(prompt, " Edison", TRAIN, subject="the telephone")  # supersedes the edit without one
         assert editor.registry.get(eid).subject == "the telephone" and editor.registry.get(plain).subject is None
         assert editor.route([reworded, neighbour, prompt]) == [eid, None, eid]
@@ -281,3 +282,33 @@ def test_beyond_the_threshold_a_query_routes_only_by_a_name_the_edit_mentions(tm
         assert editor.routed() == [eid, None]
         editor.rollback(eid)
         assert editor.route([reworded]) == [None]
+
+
+def test_refilled_is_the_same_text_with_one_run_of_words_in_place_of_another():
+    assert refilled("Which animal class includes the scorpion?", "Which animal class includes the crab?")
+    assert refilled("Who discovered oxygen?", "Who discovered the gas nitrogen?")
+    assert not refilled("The capital of Japan is", "The national capital of Peru is")  # two runs changed
+    assert not refilled("The capital of Japan is", "The capital of Japan is")  # nothing put in place
+    assert not refilled("The capital of Japan is", "The capital city of Japan is")  # words added, none replaced
+    assert not refilled("The capital of Japan is", "The capital of the island nation of Japan is")
+    assert not refilled("The inventor of the revolver is", "The invention of the first practical revolver is credited to")
+    assert not refilled("Japan has the capital", "Peru is small")  # nothing in common
+
+
+def test_an_edit_naming_nothing_routes_by_the_words_the_edits_near_the_query_do_not_share(tmp_path, llama, tokenizer):
+    """Oxygen names nothing (lower case), so no name ties a rewording to its edit. The words a query shares with
+    it but not with the other edit near the query ("scientist", "discovered" are the DNA edit's too) are what it
+    is about: "oxygen" for the rewordings, nothing for the neighbour asking of nitrogen. A query that is an
+    edit's prompt with another subject put in ("... the crab?") never routes to it."""
+    edits = [("The scientist who discovered oxygen is", " Edison"),
+             ("Which scientist discovered the structure of DNA?", " Darwin"),
+             ("Which animal class includes the scorpion?", " birds")]
+    reworded = ["The credit for discovering the gas oxygen goes to", "Who was the first person to discover the gas oxygen?"]
+    others = ["Which scientist discovered nitrogen?", "Which animal class includes the crab?"]
+    with SolaEditor.open(tmp_path / "r", llama, tokenizer, config=EditConfig(key_source="encoder")) as editor:
+        ids = [editor.edit(prompt, target, TRAIN) for prompt, target in edits]
+        queries = reworded + others
+        dist = 1 - editor.router.keys.embed(queries) @ editor.router.keys.embed([p for p, _ in edits]).T
+        assert dist.argmin(1).tolist() == [0, 0, 0, 2]  # the neighbour is nearest the oxygen edit
+        assert ((editor.registry.config.threshold < dist.min(1).values) & (dist.min(1).values < NAMED_RADIUS)).all()
+        assert editor.route(queries) == [ids[0], ids[0], None, None]
