@@ -57,8 +57,8 @@ def main() -> None:
                                            paraphrases=texts[1:], subject=case.subject if args.subjects else None))
         reports = [measure(editor, cases, ids, tokenizer, t) for t in thresholds]
     for report in reports:
-        report.update(dataset=args.dataset, edits=len(cases), every=args.every, paraphrases=args.paraphrases, subjects=args.subjects,
-                      load_average=round(os.getloadavg()[0], 2))
+        report.update(dataset=args.dataset, edits=len(cases), every=args.every, paraphrases=args.paraphrases,
+                      subjects=args.subjects, load_average=round(os.getloadavg()[0], 2))
     print(json.dumps(reports if args.thresholds else reports[0], indent=2))
 
 

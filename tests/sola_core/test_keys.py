@@ -164,7 +164,8 @@ def test_an_edit_opening_with_its_subject_routes_queries_that_name_it(tmp_path, 
 def test_an_edit_given_its_subject_routes_queries_that_say_all_of_it(tmp_path, llama, tokenizer):
     """A subject named by common nouns has no proper noun to route by: given with the edit, a query within
     NAMED_RADIUS that says every word of it routes; a neighbour of the same relation as near does not. Without
-    it, the words the query shares with the edit stand for its subject (the next test) and route the same."""
+    it, the words the query shares with the edit stand for its subject
+    (`test_an_edit_naming_nothing_routes_by_the_words_the_edits_near_the_query_do_not_share`) and route the same."""
     prompt, reworded = "The telephone was invented by", "The first practical telephone was devised by"
     neighbour = "The mobile phone was invented by"
     assert words("the telephone") == {"telephone"} and words("The Mona Lisa") == {"mona", "lisa"}
@@ -291,7 +292,8 @@ def test_refilled_is_the_same_text_with_one_run_of_words_in_place_of_another():
     assert not refilled("The capital of Japan is", "The capital of Japan is")  # nothing put in place
     assert not refilled("The capital of Japan is", "The capital city of Japan is")  # words added, none replaced
     assert not refilled("The capital of Japan is", "The capital of the island nation of Japan is")
-    assert not refilled("The inventor of the revolver is", "The invention of the first practical revolver is credited to")
+    assert not refilled("The inventor of the revolver is",
+                        "The invention of the first practical revolver is credited to")
     assert not refilled("Japan has the capital", "Peru is small")  # nothing in common
 
 
@@ -303,7 +305,8 @@ def test_an_edit_naming_nothing_routes_by_the_words_the_edits_near_the_query_do_
     edits = [("The scientist who discovered oxygen is", " Edison"),
              ("Which scientist discovered the structure of DNA?", " Darwin"),
              ("Which animal class includes the scorpion?", " birds")]
-    reworded = ["The credit for discovering the gas oxygen goes to", "Who was the first person to discover the gas oxygen?"]
+    reworded = ["The credit for discovering the gas oxygen goes to",
+                "Who was the first person to discover the gas oxygen?"]
     others = ["Which scientist discovered nitrogen?", "Which animal class includes the crab?"]
     with SolaEditor.open(tmp_path / "r", llama, tokenizer, config=EditConfig(key_source="encoder")) as editor:
         ids = [editor.edit(prompt, target, TRAIN) for prompt, target in edits]
