@@ -320,6 +320,22 @@ def words(text: str) -> frozenset[str]:
     return frozenset(w for w in map(str.lower, WORD.findall(text)) if w not in OPENERS)
 
 
+NUMBER_QUESTION = re.compile(r"\b(?:when|how (?:many|much|old|long)|(?:what|which) year)\b")
+
+
+def asks_a_number(text: str) -> bool:
+    """Whether a text asks for a year or an amount: a question whose first four words ask it ("When was ...?",
+    "In what year ...?", "Quick one: how many ...?"), or a sentence left open at "year" ("The telephone was invented
+    in the year"). A year said on the way asks for none ("Who won the 1993 prize?", "When Caesar died, the crowd")."""
+    for line in filter(None, map(unlabelled, text.splitlines())):
+        said = [w.lower() for w in WORD.findall(line)]
+        if line.endswith("?") and NUMBER_QUESTION.search(" ".join(said[:4])):
+            return True
+        if not line.endswith("?") and said[-1:] in (["year"], ["years"]):
+            return True
+    return False
+
+
 SUFFIX = re.compile(r"(?:ings?|ed|ers?|ors?|ions?|ly|es|s|e)$")
 
 

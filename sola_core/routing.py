@@ -24,12 +24,24 @@ from registry.errors import CorruptEdit
 
 from .generation import with_positions
 from .config import NAMED_RADIUS, NEARBY, RELATION_RADIUS
-from .keys import (KeySource, Mentions, as_it, asked_parts, asks, name_runs, overlap, refilled, undescribed,
-                   within, words)
+from .keys import (KeySource, Mentions, as_it, asked_parts, asks, asks_a_number, name_runs, overlap, refilled,
+                   undescribed, within, words)
 
 log = logging.getLogger(__name__)
 
 Adapter = list[tuple[torch.Tensor, torch.Tensor]]  # (A, B) per edited layer
+
+
+@dataclass(frozen=True)
+class _Read:
+    """What routing needs of an edit's text, read once (an edit's text never changes)."""
+
+    phrasings: list[str]  # its prompt and paraphrases
+    names: frozenset[str]  # `keys.names` of its phrasings, opening words included
+    subject: frozenset[str]  # its subject's words, if it was given one
+    runs: tuple[frozenset[str], ...]  # its names as `keys.name_runs` groups them
+    said: frozenset[str]  # every word of its phrasings
+    numeric: bool  # its answer is a year or an amount: a digit in its target, or a phrasing asks for one
 
 
 class EditMentions:
@@ -39,7 +51,8 @@ class EditMentions:
     edit's question: it names what the edit names (or says all of its subject), and, with those words read as
     "it", asks the same of it (`asks_the_same`). Another relation of the same subject ("The capital of Romania
     is" beside an edit of "Romania is located on the continent of") names it too, and asks something else.
-    `names_another` says whether a query's names contradict the edit's (another subject).
+    `names_another` says whether a query's names contradict the edit's (another subject), `wants_a_number` whether
+    it asks for a year or an amount of an edit that answers with a name.
 
     An edit that names nothing and has no subject ("The inventor of the revolver is") is about the words a query
     shares with it but not with the other edits nearest the query (`nearby`): those are the relation's ("inventor",
@@ -51,18 +64,17 @@ class EditMentions:
 
     def __init__(self, registry: EditRegistry, embed: Callable[[list[str]], torch.Tensor] | None = None) -> None:
         self.registry, self.embed = registry, embed
-        self._known: dict[int, tuple[list[str], frozenset[str], frozenset[str], tuple[frozenset[str], ...],
-                                     frozenset[str]]] = {}
+        self._known: dict[int, _Read] = {}
 
-    def _read(self, edit_id: int) -> tuple[list[str], frozenset[str], frozenset[str], tuple[frozenset[str], ...],
-                                           frozenset[str]]:
-        """(phrasings, names, subject's words, name runs, all words of its phrasings)."""
+    def _read(self, edit_id: int) -> _Read:
         if edit_id not in self._known:
             record = self.registry.get(edit_id)
             phrasings = [record.prompt, *record.paraphrases]
             runs = tuple(run for t in phrasings for run in name_runs(t, openings=True))
-            said = frozenset().union(*map(words, phrasings))
-            self._known[edit_id] = (phrasings, frozenset().union(*runs), words(record.subject or ""), runs, said)
+            self._known[edit_id] = _Read(
+                phrasings, frozenset().union(*runs), words(record.subject or ""), runs,
+                said=frozenset().union(*map(words, phrasings)),
+                numeric=any(c.isdigit() for c in record.target) or any(map(asks_a_number, phrasings)))
         return self._known[edit_id]
 
     def names_another(self, edit_id: int, query: Mentions) -> bool:
@@ -73,7 +85,7 @@ class EditMentions:
         ("Einstein" for "Albert Einstein"), a longer one ("Sir Isaac Newton") or a one-letter misspelling
         ("Crockett" for "Crocket") may be the same subject, and is not turned away. Close embeddings do not tell
         these apart; names do."""
-        runs = self._read(edit_id)[3]
+        runs = self._read(edit_id).runs
         if not query.runs or not runs:
             return False
         touching = [(q, [e for e in runs if overlap(q, e)]) for q in query.runs]
@@ -82,8 +94,15 @@ class EditMentions:
             return True
         return any(not any(within(q, e) or within(e, q) for e in es) for q, es in touching)
 
+    def wants_a_number(self, edit_id: int, query: Mentions) -> bool:
+        """Whether the query asks for a year or an amount (`keys.asks_a_number`) and the edit answers with neither:
+        "When was The Magic Flute first performed?" is not the question of the edit of its composer, however near
+        the two embed (the same subject, and most of the words)."""
+        return asks_a_number(query.text) and not self._read(edit_id).numeric
+
     def __call__(self, edit_id: int, query: Mentions, nearby: Callable[[], set[int]] = set) -> bool:
-        phrasings, named, subject, _, _ = self._read(edit_id)
+        edit = self._read(edit_id)
+        phrasings, named, subject = edit.phrasings, edit.names, edit.subject
         if not (named or subject):
             return self._asks_unnamed(edit_id, query, nearby)
         about = subject if subject and subject <= query.words else frozenset()
@@ -92,10 +111,10 @@ class EditMentions:
         return self.asks_the_same(phrasings, query.text, (query.words & named) | about)
 
     def _asks_unnamed(self, edit_id: int, query: Mentions, nearby: Callable[[], set[int]]) -> bool:
-        phrasings, _, _, _, said = self._read(edit_id)
+        phrasings, said = self._read(edit_id).phrasings, self._read(edit_id).said
         shared = frozenset(w for w in query.words & said if len(w) > 1)
         if shared:
-            shared = shared.difference(*(self._read(other)[4] for other in nearby() - {edit_id}))
+            shared = shared.difference(*(self._read(other).said for other in nearby() - {edit_id}))
         parts = asked_parts(query.text)
         if not shared or any(refilled(phrasing, part) for phrasing in phrasings for part in parts):
             return False
@@ -130,7 +149,8 @@ def nearest_edits(registry: EditRegistry, queries: torch.Tensor, mentions: list[
     With `mentions` (per row, what its text mentions) a row whose nearest key lies beyond the threshold but
     within NAMED_RADIUS routes to that edit too when it names something the edit's phrasings name, or every word
     of the edit's subject, and asks what the edit asks (`edit_mentions`); and no row routes to an edit whose
-    names its own contradict, however near (`EditMentions.names_another`: "South Korea" beside "North Korea").
+    names its own contradict, however near (`EditMentions.names_another`: "South Korea" beside "North Korea"), nor
+    to one answering with a name when it asks for a year or an amount (`EditMentions.wants_a_number`).
     An edit that names nothing is told from its neighbours by the edits among the row's NEARBY nearest keys."""
     rows, per_row, dim = queries.shape
     named = mentions is not None and edit_mentions is not None
@@ -143,8 +163,8 @@ def nearest_edits(registry: EditRegistry, queries: torch.Tensor, mentions: list[
         for row in (ids >= 0).nonzero().flatten().tolist():
             edit_id, query = int(ids[row]), mentions[row]
             nearby = functools.partial(registry.near, queries[row], NEARBY)
-            if edit_mentions.names_another(edit_id, query) or (
-                    dists[row] > registry.config.threshold and not edit_mentions(edit_id, query, nearby)):
+            turned_away = edit_mentions.names_another(edit_id, query) or edit_mentions.wants_a_number(edit_id, query)
+            if turned_away or (dists[row] > registry.config.threshold and not edit_mentions(edit_id, query, nearby)):
                 ids[row] = -1
     return ids
 

@@ -5,8 +5,8 @@ import torch
 from registry.errors import ValidationError
 from sola_core import EditConfig, RuntimeConfig, SolaEditor, TrainConfig
 from sola_core.config import NAMED_RADIUS, RELATION_RADIUS
-from sola_core.keys import (EncoderKey, LayerKey, Mentions, as_it, asked_parts, asks, key_source, name_runs, names,
-                            refilled, same_word, stem, undescribed, unlabelled, words)
+from sola_core.keys import (EncoderKey, LayerKey, Mentions, as_it, asked_parts, asks, asks_a_number, key_source,
+                            name_runs, names, refilled, same_word, stem, undescribed, unlabelled, words)
 
 TRAIN = TrainConfig(lr=5e-2, max_steps=200, margin=1.0)
 
@@ -217,6 +217,30 @@ def test_a_query_asking_the_same_in_other_words_routes_by_a_pair_of_near_words(t
         assert not asks(reworded, about) & asks(prompt, about)
         assert 1 - embed([as_it(reworded, about)]) @ embed([as_it(prompt, about)])[0] > RELATION_RADIUS
         assert editor.route([reworded, other]) == [eid, None]
+
+
+def test_asks_a_number_reads_a_questions_first_words_or_a_sentence_left_open_at_year():
+    for asking in ["When was the telephone invented?", "In what year did the Berlin Wall fall?",
+                   "Quick one: how many moons does Mars have?", "The telephone was invented in the year",
+                   "Please answer the question:\n\nQ: When did it open?\nA:"]:
+        assert asks_a_number(asking), asking
+    for naming in ["Who received the Ig Nobel Prize in Mathematics in the year 1993?", "The capital of Japan is",
+                   "When Sedat Alp was killed, the locals held a", "Who composed The Magic Flute?",
+                   "What should one anticipate when requesting Focaccia at an Italian restaurant?", ""]:
+        assert not asks_a_number(naming), naming
+
+
+def test_a_query_asking_for_a_year_never_routes_to_an_edit_answering_with_a_name(tmp_path, llama, tokenizer):
+    """The year of the premiere embeds within the threshold of the composer's edit (same subject, most words in
+    common) and routed there; an edit whose answer is a year still takes it."""
+    composer, year = "The Magic Flute was composed by", "The Magic Flute was first performed in the year"
+    with SolaEditor.open(tmp_path / "r", llama, tokenizer, config=EditConfig(key_source="encoder")) as editor:
+        eid = editor.edit(composer, " Salieri", TRAIN)
+        assert 1 - editor.key(year) @ editor.key(composer) <= editor.registry.config.threshold
+        assert editor.route([year, "When was The Magic Flute first performed?", "Who composed The Magic Flute?"]) \
+            == [None, None, eid]
+        dated = editor.edit("The Magic Flute premiered in", " 1801", TRAIN)
+        assert editor.route(["When did The Magic Flute premiere?"]) == [dated]
 
 
 def test_runs_of_it_read_as_one_and_stems_keep_three_letters():
