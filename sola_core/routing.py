@@ -24,8 +24,8 @@ from registry.errors import CorruptEdit
 
 from .generation import with_positions
 from .config import NAMED_RADIUS, NEARBY, RELATION_RADIUS
-from .keys import (KeySource, Mentions, as_it, asked_parts, asks, asks_a_number, name_runs, overlap, refilled,
-                   undescribed, within, words)
+from .keys import (KeySource, Mentions, as_it, asked_parts, asks, asks_a_number, name_runs, names, overlap,
+                   refilled, undescribed, within, words)
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,8 @@ class EditMentions:
 
     An edit that names nothing and has no subject ("The inventor of the revolver is") is about the words a query
     shares with it but not with the other edits nearest the query (`nearby`): those are the relation's ("inventor",
-    "symbol"), the rest the subject's ("revolver"). A query that is one of its phrasings with one run of words
+    "symbol"), the rest the subject's ("revolver"). So is an edit to a query that names nothing, its first word
+    included ("Who discovered penicillin?" beside "Penicillin was discovered by", named by its opening word only). A query that is one of its phrasings with one run of words
     put in place of another ("Which animal class includes the crab?" beside "... the scorpion?") asks the same of
     something else (`keys.refilled`).
 
@@ -106,9 +107,9 @@ class EditMentions:
         if not (named or subject):
             return self._asks_unnamed(edit_id, query, nearby)
         about = subject if subject and subject <= query.words else frozenset()
-        if not (query.names & named or about):
-            return False
-        return self.asks_the_same(phrasings, query.text, (query.words & named) | about)
+        if query.names & named or about:
+            return self.asks_the_same(phrasings, query.text, (query.words & named) | about)
+        return not names(query.text, openings=True) and self._asks_unnamed(edit_id, query, nearby)
 
     def _asks_unnamed(self, edit_id: int, query: Mentions, nearby: Callable[[], set[int]]) -> bool:
         phrasings, said = self._read(edit_id).phrasings, self._read(edit_id).said

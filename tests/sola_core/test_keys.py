@@ -339,3 +339,20 @@ def test_an_edit_naming_nothing_routes_by_the_words_the_edits_near_the_query_do_
         assert dist.argmin(1).tolist() == [0, 0, 0, 2]  # the neighbour is nearest the oxygen edit
         assert ((editor.registry.config.threshold < dist.min(1).values) & (dist.min(1).values < NAMED_RADIUS)).all()
         assert editor.route(queries) == [ids[0], ids[0], None, None]
+
+
+def test_a_query_naming_nothing_routes_to_an_edit_named_only_by_its_opening_word(tmp_path, llama, tokenizer):
+    """"Zoologists" is the edits' only name (a capitalised opening word); a query that names nothing shares no
+    name with them, and is read as for an edit that names nothing: "platypus" is what it shares with one edit and
+    not with the other, "zoologists classify" the relation's words both share; where the platypus lives is
+    another question of it."""
+    edits = [("Zoologists classify the platypus as one of the", " birds"),
+             ("Zoologists classify the salamander as one of the", " fish")]
+    queries = ["My kid just asked me this: what class of animal is the platypus?",
+               "Where does the platypus live?"]
+    with SolaEditor.open(tmp_path / "r", llama, tokenizer, config=EditConfig(key_source="encoder")) as editor:
+        ids = [editor.edit(prompt, target, TRAIN) for prompt, target in edits]
+        dist = 1 - editor.router.keys.embed(queries) @ editor.key(edits[0][0])
+        assert (editor.registry.config.threshold < dist).all() and (dist < NAMED_RADIUS).all()
+        assert not Mentions.of(queries[0]).names
+        assert editor.route(queries) == [ids[0], None]
