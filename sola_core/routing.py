@@ -57,9 +57,9 @@ class EditMentions:
     An edit that names nothing and has no subject ("The inventor of the revolver is") is about the words a query
     shares with it but not with the other edits nearest the query (`nearby`): those are the relation's ("inventor",
     "symbol"), the rest the subject's ("revolver"). So is an edit to a query that names nothing, its first word
-    included ("Who discovered penicillin?" beside "Penicillin was discovered by", named by its opening word only). A query that is one of its phrasings with one run of words
-    put in place of another ("Which animal class includes the crab?" beside "... the scorpion?") asks the same of
-    something else (`keys.refilled`).
+    included ("Who discovered penicillin?" beside "Penicillin was discovered by", named by its opening word only).
+    A query that is one of its phrasings with one run of words put in place of another ("Which animal class
+    includes the crab?" beside "... the scorpion?") asks the same of something else (`keys.refilled`).
 
     `embed` (the encoder key source's) compares what is asked by embedding; without it only a shared word does."""
 
@@ -112,14 +112,14 @@ class EditMentions:
         return not names(query.text, openings=True) and self._asks_unnamed(edit_id, query, nearby)
 
     def _asks_unnamed(self, edit_id: int, query: Mentions, nearby: Callable[[], set[int]]) -> bool:
-        phrasings, said = self._read(edit_id).phrasings, self._read(edit_id).said
-        shared = frozenset(w for w in query.words & said if len(w) > 1)
+        edit = self._read(edit_id)
+        shared = frozenset(w for w in query.words & edit.said if len(w) > 1)
         if shared:
             shared = shared.difference(*(self._read(other).said for other in nearby() - {edit_id}))
         parts = asked_parts(query.text)
-        if not shared or any(refilled(phrasing, part) for phrasing in phrasings for part in parts):
+        if not shared or any(refilled(phrasing, part) for phrasing in edit.phrasings for part in parts):
             return False
-        return self.asks_the_same(phrasings, query.text, shared)
+        return self.asks_the_same(edit.phrasings, query.text, shared)
 
     def asks_the_same(self, phrasings: list[str], text: str, about: frozenset[str]) -> bool:
         """Whether `text` asks what one of `phrasings` asks once the words `about` are taken out: a word in
