@@ -172,6 +172,11 @@ def unlabelled(line: str) -> str:
     return line[m.end():].strip() if (m := LABEL.match(line)) else line
 
 
+def unlabelled_lines(text: str) -> list[str]:
+    """A prompt's lines, each without its label (`unlabelled`), the empty ones left out."""
+    return [line for line in map(unlabelled, text.splitlines()) if line]
+
+
 # A line's lead-in: up to four words and a colon or a dash ("Coding trivia: ", "I always forget - ")
 LEAD_IN = re.compile(r"(?:[^\W\d_][\w'-]*[ \t]+){0,3}[^\W\d_][\w'-]*(?::|[ \t]+[-\u2013\u2014])[ \t]+(?=\S)")
 
@@ -180,7 +185,7 @@ def asked_parts(text: str) -> list[str]:
     """What of a query's text is embedded: the whole text, then, for several lines, each line without its label;
     then each line without a lead-in ("Coding trivia: who made Python?" -> "who made Python?"), and, where the text
     describes a name it gives, the text without the description (`undescribed`)."""
-    lines = [line for line in map(unlabelled, text.splitlines()) if line]
+    lines = unlabelled_lines(text)
     parts = [text, *lines] if len(lines) > 1 else [text]
     parts += [line[m.end():] for line in lines if (m := LEAD_IN.match(line))]
     return list(dict.fromkeys(parts + list(map(undescribed, parts))))
@@ -327,11 +332,12 @@ def asks_a_number(text: str) -> bool:
     """Whether a text asks for a year or an amount: a question whose first four words ask it ("When was ...?",
     "In what year ...?", "Quick one: how many ...?"), or a sentence left open at "year" ("The telephone was invented
     in the year"). A year said on the way asks for none ("Who won the 1993 prize?", "When Caesar died, the crowd")."""
-    for line in filter(None, map(unlabelled, text.splitlines())):
+    for line in unlabelled_lines(text):
         said = [w.lower() for w in WORD.findall(line)]
-        if line.endswith("?") and NUMBER_QUESTION.search(" ".join(said[:4])):
-            return True
-        if not line.endswith("?") and said[-1:] in (["year"], ["years"]):
+        if line.endswith("?"):
+            if NUMBER_QUESTION.search(" ".join(said[:4])):
+                return True
+        elif said[-1:] in (["year"], ["years"]):
             return True
     return False
 
