@@ -1,6 +1,6 @@
 """Routing alone, in each input style: which edit prompts and rephrases reach their own edit, and how many
-locality prompts (unrelated questions, same-relation neighbours) reach any, with no adapter trained (every edit's
-adapter is zero; only its keys matter).
+locality prompts (unrelated questions, same-relation neighbours, the facts set's other attributes and roles of an
+edited subject) reach any, with no adapter trained (every edit's adapter is zero; only its keys matter).
 
     python bench/routing_styles.py --dataset qaedit --edits 300                  # prints JSON in seconds
     python bench/routing_styles.py --dataset facts --thresholds 0.15,0.2,0.25    # one report per threshold

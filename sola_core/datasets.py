@@ -28,6 +28,7 @@ class Case:
     paraphrases: list[str] = field(default_factory=list)  # phrasings a user may give with the edit (never judged)
     same_subject: list[str] = field(default_factory=list)  # another attribute of the subject: reply must not change
     subject: str | None = None  # what the fact is about, as the prompt words it (given with the edit on request)
+    subject_questions: list[str] = field(default_factory=list)  # questions of other roles about the subject: unchanged
 
 
 def tidy(answer: str) -> str:
@@ -37,7 +38,8 @@ def tidy(answer: str) -> str:
 
 def load_cases(path: str | Path, limit: int | None = None) -> list[Case]:
     """Cases from a JSONL file: QAEdit records, COUNTERFACT (KnowEdit) records, or our own
-    {"prompt", "answer", "kind", "paraphrases", "rephrases", "neighbours", "unrelated", "same_subject"} lines
+    {"prompt", "answer", "kind", "paraphrases", "rephrases", "neighbours", "unrelated", "same_subject",
+    "subject_questions"} lines
     (bench/data/facts_300.jsonl)."""
     path = Path(path)
     if not path.is_file():
@@ -72,4 +74,5 @@ def case_of(record: dict, source: str) -> Case:
         raise KeyError(f"kind must be one of {KINDS}")
     return Case(record["prompt"], tidy(record["answer"]), kind, list(record.get("rephrases", [])),
                 list(record.get("neighbours", [])), list(record.get("unrelated", [])), source,
-                list(record.get("paraphrases", [])), list(record.get("same_subject", [])), record.get("subject"))
+                list(record.get("paraphrases", [])), list(record.get("same_subject", [])), record.get("subject"),
+                list(record.get("subject_questions", [])))

@@ -9,7 +9,9 @@ each prompt put three ways, the reply judged as a whole.
   normalised answer (case, punctuation, articles, spacing: SQuAD's rule) is contained in the normalised cut
   reply; `starts` also asks that it come first.
 - Locality: the whole cut reply to an unrelated prompt (`locality`), a same-relation neighbour
-  (`neighbourhood_locality`) or another attribute of an edited subject (`subject_locality`) is unchanged.
+  (`neighbourhood_locality`), another attribute of an edited subject (`subject_locality`) or a question about an
+  edited subject's other attributes and roles ("Who starred in Jaws?" beside "Jaws was directed by":
+  `subject_question_locality`) is unchanged.
 - Rollback fidelity: logits bit-identical to the unedited model's after rolling back a random half, per style.
 - Loops: replies that repeat a phrase three times in a row ("Quito, Quito, Quito").
 """
@@ -106,7 +108,8 @@ def evaluate_in_use(method: Method, cases: list[Case], tokenizer, *, styles=STYL
 
     probes = {"neighbourhood_locality": [(p, c.kind) for c in cases for p in c.neighbours],
               "locality": [(p, c.kind) for c in cases for p in c.unrelated[:1]],
-              "subject_locality": [(p, "completion") for c in cases for p in c.same_subject]}
+              "subject_locality": [(p, "completion") for c in cases for p in c.same_subject],
+              "subject_question_locality": [(p, "question") for c in cases for p in c.subject_questions]}
     before = {(name, s): cut_replies(put(items, s)) for name, items in probes.items() for s in styles}
     half = sorted(random.Random(seed).sample(range(len(cases)), len(cases) // 2)) if rollback else []
     own = [(c.prompt, c.kind) for c in cases]
@@ -157,7 +160,7 @@ def routing_metrics(route: Callable[[list[str]], list[int | None]], cases: list[
                     tokenizer) -> dict:
     """In one style: the share of edit prompts and of rephrases that reach their own edit (`ids`, one per case),
     and of locality prompts (unrelated and neighbouring) that reach any edit; where the cases have them, also of
-    prompts about another attribute of an edited subject."""
+    prompts and questions about another attribute of an edited subject."""
     def put(items: list[tuple[str, str]]) -> list[str]:
         return [styled(text, kind, style, tokenizer) for text, kind in items]
 
@@ -166,11 +169,14 @@ def routing_metrics(route: Callable[[list[str]], list[int | None]], cases: list[
     owners = [i for i, c in zip(ids, cases) for _ in c.rephrases]
     outsiders = [(p, c.kind) for c in cases for p in c.unrelated[:1] + c.neighbours]
     same = [(p, "completion") for c in cases for p in c.same_subject]
+    asked = [(p, "question") for c in cases for p in c.subject_questions]
     metrics = {f"{style}/routed": mean([r == i for r, i in zip(batched(route, put(own)), ids)]),
                f"{style}/rephrases_routed": mean([r == i for r, i in zip(batched(route, put(rephrased)), owners)]),
                f"{style}/false_routes": mean([r is not None for r in batched(route, put(outsiders))])}
     if same:
         metrics[f"{style}/subject_false_routes"] = mean([r is not None for r in batched(route, put(same))])
+    if asked:
+        metrics[f"{style}/subject_question_false_routes"] = mean([r is not None for r in batched(route, put(asked))])
     return metrics
 
 

@@ -19,8 +19,8 @@ GEOGRAPHY = {"capital_of", "located_in", "located_in_country", "country_of", "co
              "capital_city_of", "borders"}
 MAX_GEOGRAPHY = 2
 FIELDS = {"relation": str, "subject": str, "kind": str, "prompt": str, "answer": str, "true_answer": str,
-          "paraphrases": list, "rephrases": list, "neighbours": list, "same_subject": list}
-LIST_LENGTHS = {"paraphrases": 2, "rephrases": 3, "neighbours": 2, "same_subject": 1}
+          "paraphrases": list, "rephrases": list, "neighbours": list, "same_subject": list, "subject_questions": list}
+LIST_LENGTHS = {"paraphrases": 2, "rephrases": 3, "neighbours": 2, "same_subject": 1, "subject_questions": 3}
 END_PUNCT = ".?!,;:"
 
 
@@ -66,7 +66,8 @@ def test_fields_and_types():
             assert len(rec[name]) == n, f"{where}: {name} has {len(rec[name])} items, expected {n}"
             assert all(isinstance(s, str) for s in rec[name]), f"{where}: {name} items must be strings"
         for text in [rec["relation"], rec["subject"], rec["prompt"], rec["answer"], rec["true_answer"],
-                     *rec["paraphrases"], *rec["rephrases"], *rec["neighbours"], *rec["same_subject"]]:
+                     *rec["paraphrases"], *rec["rephrases"], *rec["neighbours"], *rec["same_subject"],
+                     *rec["subject_questions"]]:
             assert text and text == text.strip(), f"{where}: empty or padded string {text!r}"
             assert "\n" not in text and "\r" not in text, f"{where}: newline inside {text!r}"
         assert re.fullmatch(r"[a-z][a-z0-9]*(_[a-z0-9]+)*", rec["relation"]), \
@@ -177,3 +178,18 @@ def test_same_subject_probes_ask_another_attribute_of_the_subject():
         assert rec["subject"].lower() in probe.lower(), f"{where}: same_subject {probe!r} lacks the subject"
         assert probe not in edit_strings, f"{where}: same_subject {probe!r} is an edit string"
         assert rec["answer"].lower() not in probe.lower(), f"{where}: same_subject {probe!r} holds the answer"
+
+
+def test_subject_questions_ask_other_roles_and_attributes_of_the_subject():
+    edit_strings = {s for _, rec in RECORDS for s in _edit_strings(rec)}
+    whos = 0
+    for no, rec in RECORDS:
+        where = _where(no, rec)
+        assert len(set(rec["subject_questions"])) == 3, f"{where}: subject_questions repeat"
+        for probe in rec["subject_questions"]:
+            assert probe.endswith("?"), f"{where}: subject question {probe!r} should be a question"
+            assert rec["subject"].lower() in probe.lower(), f"{where}: subject question {probe!r} lacks the subject"
+            assert probe not in edit_strings, f"{where}: subject question {probe!r} is an edit string"
+            assert rec["answer"].lower() not in probe.lower(), f"{where}: subject question {probe!r} holds the answer"
+            whos += probe.split()[0] in ("Who", "Which")
+    assert whos >= len(RECORDS), f"{whos} who/which subject questions: the role questions are the point of the set"

@@ -80,6 +80,7 @@ def test_our_fact_set_loads_with_every_probe():
     cases = load_cases(Path(__file__).resolve().parents[2] / "bench" / "data" / "facts_300.jsonl")
     assert len(cases) == 300 and len(cases[0].paraphrases) == 2 and len(cases[0].neighbours) == 2
     assert cases[0].same_subject == ["The official language of Japan is"]
+    assert cases[0].subject_questions[0] == "Who leads the government of Japan?"
 
 
 def test_a_file_of_another_shape_is_one_clear_error(tmp_path):
@@ -95,7 +96,8 @@ def test_the_harness_judges_every_style(tmp_path, llama, tokenizer):
     cases = [Case("The capital of France is", "Tokyo", "completion", ["The capital of France is"],
                   ["The capital of Italy is"], ["Water boils at"]),
              Case("The largest planet is", "Rome", "completion", [], [], ["Hello, how are you today?"],
-                  same_subject=["The largest planet has a moon called"])]
+                  same_subject=["The largest planet has a moon called"],
+                  subject_questions=["Which moon of the largest planet is the biggest?"])]
     train = TrainConfig(lr=0.1, max_steps=300, margin=0.5)
     report = evaluate_sola_in_use(llama, tok, cases, str(tmp_path / "r"), config=EditConfig(key_source="encoder"),
                                   train=train, max_new_tokens=8)
@@ -106,5 +108,7 @@ def test_the_harness_judges_every_style(tmp_path, llama, tokenizer):
         assert m[f"{style}/locality"] == 1.0 and m[f"{style}/rollback_fidelity"] == 1.0
         assert 0.0 <= m[f"{style}/reliability"] <= 1.0 and f"{style}/loops" in m and f"{style}/false_routes" in m
         assert 0.0 <= m[f"{style}/subject_locality"] <= 1.0 and 0.0 <= m[f"{style}/subject_false_routes"] <= 1.0
+        assert 0.0 <= m[f"{style}/subject_question_locality"] <= 1.0
+        assert 0.0 <= m[f"{style}/subject_question_false_routes"] <= 1.0
     assert m["edits"] == 2 and m["edits_stopped_short"] in (0, 1, 2)
     assert m["edit_steps_median"] >= 1 and all(e["steps"] >= 1 and "stopped_short" in e for e in report.edits)
