@@ -326,20 +326,58 @@ def words(text: str) -> frozenset[str]:
 
 
 NUMBER_QUESTION = re.compile(r"\b(?:when|how (?:many|much|old|long)|(?:what|which) year)\b")
+# Nouns that name who did something, and nouns of places, after "which" / "what" or opening a sentence
+AGENTS = frozenset("""person people man woman scientist artist writer author poet novelist composer painter architect
+director filmmaker inventor discoverer creator designer developer founder musician singer performer actor actress
+player athlete physicist chemist mathematician""".split())
+PLACES = frozenset("country countries nation city cities town capital continent state province region place".split())
+PLACE_PREPOSITIONS = frozenset(("in", "at", "from", "into", "to"))
 
 
-def asks_a_number(text: str) -> bool:
-    """Whether a text asks for a year or an amount: a question whose first four words ask it ("When was ...?",
-    "In what year ...?", "Quick one: how many ...?"), or a sentence left open at "year" ("The telephone was invented
-    in the year"). A year said on the way asks for none ("Who won the 1993 prize?", "When Caesar died, the crowd")."""
+def asked_kind(text: str) -> str | None:
+    """The kind of answer a text asks for, where its wording says (its first line that does):
+    - "number", a year or an amount: a question whose first four words ask it ("When was ...?", "In what year
+      ...?", "Quick one: how many ...?"), a sentence left open at "year"; a year said on the way asks for none
+      ("Who won the 1993 prize?", "When Caesar died, the crowd");
+    - "agent", who did something: "Who ...?", "Which scientist ...?", a sentence left open after "was ... by",
+      "by the architect", or opening on one ("The inventor of the revolver is");
+    - "place": "Where ...?", "In which country ...?", a sentence left open at "in" or "the city of".
+    None where the wording does not say: "The capital of Japan is", "Which album features Thriller?"."""
     for line in unlabelled_lines(text):
         said = [w.lower() for w in WORD.findall(line)]
-        if line.endswith("?"):
-            if NUMBER_QUESTION.search(" ".join(said[:4])):
-                return True
-        elif said[-1:] in (["year"], ["years"]):
-            return True
-    return False
+        kind = _question_kind(said) if line.endswith("?") else _sentence_kind(said)
+        if kind:
+            return kind
+    return None
+
+
+def _question_kind(said: list[str]) -> str | None:
+    first = said[:4]
+    if NUMBER_QUESTION.search(" ".join(first)):
+        return "number"
+    if {"who", "whom", "whose"} & set(first):
+        return "agent"
+    if "where" in first:
+        return "place"
+    for i, word in enumerate(first):
+        if word in ("which", "what"):
+            noun = next((w for w in said[i + 1:i + 4] if w in AGENTS or w in PLACES), None)
+            if noun in AGENTS:
+                return "agent"
+            if noun in PLACES and i and said[i - 1] in PLACE_PREPOSITIONS:  # "In which country", not "Which nation"
+                return "place"
+    return None
+
+
+def _sentence_kind(said: list[str]) -> str | None:
+    if said[-1:] in (["year"], ["years"]):
+        return "number"
+    if said[-1:] == ["by"] and {"was", "were"} & set(said) or "by" in said[-3:-1] and said[-1] in AGENTS \
+            or AGENTS & set(said[:2]) and said[-1:] in (["is"], ["was"]):
+        return "agent"
+    if said[-1:] == ["in"] or said[-1:] == ["of"] and said[-2:-1] and said[-2] in PLACES:
+        return "place"
+    return None
 
 
 SUFFIX = re.compile(r"(?:ings?|ed|ers?|ors?|ions?|ly|es|s|e)$")

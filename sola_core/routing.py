@@ -24,7 +24,7 @@ from registry.errors import CorruptEdit
 
 from .generation import with_positions
 from .config import NAMED_RADIUS, NEARBY, RELATION_RADIUS
-from .keys import (KeySource, Mentions, as_it, asked_parts, asks, asks_a_number, name_runs, names, overlap,
+from .keys import (KeySource, Mentions, as_it, asked_parts, asked_kind, asks, name_runs, names, overlap,
                    refilled, undescribed, within, words)
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ class _Read:
     subject: frozenset[str]  # its subject's words, if it was given one
     runs: tuple[frozenset[str], ...]  # its names as `keys.name_runs` groups them
     said: frozenset[str]  # every word of its phrasings
-    numeric: bool  # its answer is a year or an amount: a digit in its target, or a phrasing asks for one
+    kinds: frozenset[str]  # the answer kinds its phrasings ask for (`keys.asked_kind`); "number" for a digit in target
 
 
 class EditMentions:
@@ -51,8 +51,8 @@ class EditMentions:
     edit's question: it names what the edit names (or says all of its subject), and, with those words read as
     "it", asks the same of it (`asks_the_same`). Another relation of the same subject ("The capital of Romania
     is" beside an edit of "Romania is located on the continent of") names it too, and asks something else.
-    `names_another` says whether a query's names contradict the edit's (another subject), `wants_a_number` whether
-    it asks for a year or an amount of an edit that answers with a name.
+    `names_another` says whether a query's names contradict the edit's (another subject), `asks_another_kind` whether
+    it asks for another kind of answer (a year of an edit answering with a name, a place of one asking who).
 
     An edit that names nothing and has no subject ("The inventor of the revolver is") is about the words a query
     shares with it but not with the other edits nearest the query (`nearby`): those are the relation's ("inventor",
@@ -72,10 +72,13 @@ class EditMentions:
             record = self.registry.get(edit_id)
             phrasings = [record.prompt, *record.paraphrases]
             runs = tuple(run for t in phrasings for run in name_runs(t, openings=True))
+            kinds = {asked_kind(phrasing) for phrasing in phrasings} - {None}
+            if any(c.isdigit() for c in record.target):
+                kinds.add("number")
             self._known[edit_id] = _Read(
                 phrasings, frozenset().union(*runs), words(record.subject or ""), runs,
                 said=frozenset().union(*map(words, phrasings)),
-                numeric=any(c.isdigit() for c in record.target) or any(map(asks_a_number, phrasings)))
+                kinds=frozenset(kinds))
         return self._known[edit_id]
 
     def names_another(self, edit_id: int, query: Mentions) -> bool:
@@ -95,11 +98,17 @@ class EditMentions:
             return True
         return any(not any(within(q, e) or within(e, q) for e in es) for q, es in touching)
 
-    def wants_a_number(self, edit_id: int, query: Mentions) -> bool:
-        """Whether the query asks for a year or an amount (`keys.asks_a_number`) and the edit answers with neither:
-        "When was The Magic Flute first performed?" is not the question of the edit of its composer, however near
-        the two embed (the same subject, and most of the words)."""
-        return asks_a_number(query.text) and not self._read(edit_id).numeric
+    def asks_another_kind(self, edit_id: int, query: Mentions) -> bool:
+        """Whether the query asks for another kind of answer than the edit (`keys.asked_kind`): a year or an amount
+        of an edit that answers with neither ("When was The Magic Flute first performed?" beside the edit of its
+        composer: the same subject and most of the words, however near the two embed), or who of an edit that
+        asks where, or where of one that asks who ("In which country was penicillin discovered?" beside
+        "Penicillin was discovered by"). A name is what an edit answers unless its wording says otherwise; the
+        kinds of answer the query or the edit leave unsaid turn nothing away."""
+        asked, kinds = asked_kind(query.text), self._read(edit_id).kinds
+        if asked == "number":
+            return "number" not in kinds
+        return asked is not None and bool(kinds) and asked not in kinds
 
     def __call__(self, edit_id: int, query: Mentions, nearby: Callable[[], set[int]] = set) -> bool:
         edit = self._read(edit_id)
@@ -151,7 +160,7 @@ def nearest_edits(registry: EditRegistry, queries: torch.Tensor, mentions: list[
     within NAMED_RADIUS routes to that edit too when it names something the edit's phrasings name, or every word
     of the edit's subject, and asks what the edit asks (`edit_mentions`); and no row routes to an edit whose
     names its own contradict, however near (`EditMentions.names_another`: "South Korea" beside "North Korea"), nor
-    to one answering with a name when it asks for a year or an amount (`EditMentions.wants_a_number`).
+    to one asking another kind of answer (`EditMentions.asks_another_kind`: a year of an edit answering with a name).
     An edit that names nothing is told from its neighbours by the edits among the row's NEARBY nearest keys."""
     rows, per_row, dim = queries.shape
     named = mentions is not None and edit_mentions is not None
@@ -164,7 +173,8 @@ def nearest_edits(registry: EditRegistry, queries: torch.Tensor, mentions: list[
         for row in (ids >= 0).nonzero().flatten().tolist():
             edit_id, query = int(ids[row]), mentions[row]
             nearby = functools.partial(registry.near, queries[row], NEARBY)
-            turned_away = edit_mentions.names_another(edit_id, query) or edit_mentions.wants_a_number(edit_id, query)
+            turned_away = (edit_mentions.names_another(edit_id, query)
+                           or edit_mentions.asks_another_kind(edit_id, query))
             if turned_away or (dists[row] > registry.config.threshold and not edit_mentions(edit_id, query, nearby)):
                 ids[row] = -1
     return ids
