@@ -41,6 +41,7 @@ class _Read:
     subject: frozenset[str]  # its subject's words, if it was given one
     runs: tuple[frozenset[str], ...]  # its names as `keys.name_runs` groups them
     said: frozenset[str]  # every word of its phrasings
+    asked: frozenset[str]  # what its phrasings ask of what they name (`keys.asks`): the relation's words
     kinds: frozenset[str]  # the answer kinds its phrasings ask for (`keys.asked_kind`); "number" for a digit in target
 
 
@@ -58,7 +59,9 @@ class EditMentions:
     shares with it but not with the other edits nearest the query (`nearby`): those are the relation's ("inventor",
     "symbol"), the rest the subject's ("revolver"). So is an edit to a query that names nothing, its first word
     included ("Who discovered penicillin?" beside "Penicillin was discovered by", named by its opening word only).
-    A query that is one of its phrasings with one run of words put in place of another ("Which animal class
+    A named edit also takes a query that asks with a word the nearby named edits of its relation ask theirs with
+    (`_lent`: "The filmmaker behind Jaws is" beside "Jaws was directed by", where "Which filmmaker directed Pulp
+    Fiction?" is stored too). A query that is one of its phrasings with one run of words put in place of another ("Which animal class
     includes the crab?" beside "... the scorpion?") asks the same of something else (`keys.refilled`).
 
     `embed` (the encoder key source's) compares what is asked by embedding; without it only a shared word does."""
@@ -72,13 +75,14 @@ class EditMentions:
             record = self.registry.get(edit_id)
             phrasings = [record.prompt, *record.paraphrases]
             runs = tuple(run for t in phrasings for run in name_runs(t, openings=True))
+            names = frozenset().union(*runs)
             kinds = {asked_kind(phrasing) for phrasing in phrasings} - {None}
             if any(c.isdigit() for c in record.target):
                 kinds.add("number")
             self._known[edit_id] = _Read(
-                phrasings, frozenset().union(*runs), words(record.subject or ""), runs,
+                phrasings, names, words(record.subject or ""), runs,
                 said=frozenset().union(*map(words, phrasings)),
-                kinds=frozenset(kinds))
+                asked=frozenset().union(*(asks(phrasing, names) for phrasing in phrasings)), kinds=frozenset(kinds))
         return self._known[edit_id]
 
     def names_another(self, edit_id: int, query: Mentions) -> bool:
@@ -117,8 +121,18 @@ class EditMentions:
             return self._asks_unnamed(edit_id, query, nearby)
         about = subject if subject and subject <= query.words else frozenset()
         if query.names & named or about:
-            return self.asks_the_same(phrasings, query.text, (query.words & named) | about)
+            about = (query.words & named) | about
+            return (self.asks_the_same(phrasings, query.text, about)
+                    or bool(asks(query.text, about) & self._lent(edit_id, nearby)))
         return not names(query.text, openings=True) and self._asks_unnamed(edit_id, query, nearby)
+
+    def _lent(self, edit_id: int, nearby: Callable[[], set[int]]) -> frozenset[str]:
+        """The words the named edits nearest the query ask with, of those among them that share one with this
+        edit (the same relation, worded otherwise): "Which filmmaker directed Pulp Fiction?" lends "filmmaker" to
+        "Jaws was directed by". A relation's wording, learned from the registry itself."""
+        mine = self._read(edit_id).asked
+        lent = [self._read(other) for other in nearby() - {edit_id}]
+        return frozenset().union(*(other.asked for other in lent if other.names and other.asked & mine))
 
     def _asks_unnamed(self, edit_id: int, query: Mentions, nearby: Callable[[], set[int]]) -> bool:
         edit = self._read(edit_id)

@@ -378,3 +378,17 @@ def test_a_query_naming_nothing_routes_to_an_edit_named_only_by_its_opening_word
         assert (editor.registry.config.threshold < dist).all() and (dist < NAMED_RADIUS).all()
         assert not Mentions.of(queries[0]).names
         assert editor.route(queries) == [ids[0], None]
+
+
+def test_a_named_edit_takes_a_query_worded_as_nearby_edits_of_its_relation_word_theirs(tmp_path, llama, tokenizer):
+    """"Which city does Toyota call home?" lies within NAMED_RADIUS of the Toyota edit but shares no word with it,
+    and its relation check fails; once an edit of the same relation ("headquarters") asks with "city" and "home",
+    it routes. Another question about Toyota still does not."""
+    queries = ["Which city does Toyota call home?", "Who founded Toyota?"]
+    with SolaEditor.open(tmp_path / "r", llama, tokenizer, config=EditConfig(key_source="encoder")) as editor:
+        toyota = editor.edit("The headquarters of Toyota are in", " Oslo", TRAIN)
+        dist = 1 - editor.router.keys.embed(queries[:1]) @ editor.key("The headquarters of Toyota are in")
+        assert editor.registry.config.threshold < dist < NAMED_RADIUS
+        assert editor.route(queries) == [None, None]
+        editor.edit("Which city is home to the headquarters of Rolex?", " Paris", TRAIN)
+        assert editor.route(queries) == [toyota, None]
