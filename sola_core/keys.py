@@ -372,10 +372,12 @@ def _question_kind(said: list[str]) -> str | None:
 def _sentence_kind(said: list[str]) -> str | None:
     if said[-1:] in (["year"], ["years"]):
         return "number"
-    if said[-1:] == ["by"] and {"was", "were"} & set(said) or "by" in said[-3:-1] and said[-1] in AGENTS \
-            or AGENTS & set(said[:2]) and said[-1:] in (["is"], ["was"]):
+    passive = said[-1:] == ["by"] and bool({"was", "were"} & set(said))  # "Jaws was directed by"
+    by_whom = "by" in said[-3:-1] and said[-1] in AGENTS  # "... designed by the architect"
+    opens_on_one = bool(AGENTS & set(said[:2])) and said[-1:] in (["is"], ["was"])  # "The inventor of the revolver is"
+    if passive or by_whom or opens_on_one:
         return "agent"
-    if said[-1:] == ["in"] or said[-1:] == ["of"] and said[-2:-1] and said[-2] in PLACES:
+    if said[-1:] == ["in"] or (said[-1:] == ["of"] and len(said) > 1 and said[-2] in PLACES):  # "the city of"
         return "place"
     return None
 

@@ -60,9 +60,8 @@ class EditMentions:
     "symbol"), the rest the subject's ("revolver"). So is an edit to a query that names nothing, its first word
     included ("Who discovered penicillin?" beside "Penicillin was discovered by", named by its opening word only).
     A named edit also takes a query that asks with a word the nearby named edits of its relation ask theirs with
-    (`_lent`: "The filmmaker behind Jaws is" beside "Jaws was directed by", where "Which filmmaker directed Pulp
-    Fiction?" is stored too). A query that is one of its phrasings with one run of words put in place of another ("Which animal class
-    includes the crab?" beside "... the scorpion?") asks the same of something else (`keys.refilled`).
+    (`_lent`). A query that is one of its phrasings with one run of words put in place of another ("Which animal
+    class includes the crab?" beside "... the scorpion?") asks the same of something else (`keys.refilled`).
 
     `embed` (the encoder key source's) compares what is asked by embedding; without it only a shared word does."""
 
@@ -128,8 +127,9 @@ class EditMentions:
 
     def _lent(self, edit_id: int, nearby: Callable[[], set[int]]) -> frozenset[str]:
         """The words the named edits nearest the query ask with, of those among them that share one with this
-        edit (the same relation, worded otherwise): "Which filmmaker directed Pulp Fiction?" lends "filmmaker" to
-        "Jaws was directed by". A relation's wording, learned from the registry itself."""
+        edit (the same relation, worded otherwise): "Which city is home to the headquarters of Rolex?" lends "city"
+        and "home" to "The headquarters of Toyota are in", for "Which city does Toyota call home?". A relation's
+        wording, learned from the registry itself."""
         mine = self._read(edit_id).asked
         lent = [self._read(other) for other in nearby() - {edit_id}]
         return frozenset().union(*(other.asked for other in lent if other.names and other.asked & mine))
