@@ -326,11 +326,13 @@ def words(text: str) -> frozenset[str]:
 
 
 NUMBER_QUESTION = re.compile(r"\b(?:when|how (?:many|much|old|long)|(?:what|which) year)\b")
-# Nouns that name who did something, and nouns of places, after "which" / "what" or opening a sentence
+# Nouns that name who did something, and nouns of places and of things, after "which" / "what" or opening a sentence
 AGENTS = frozenset("""person people man woman scientist artist writer author poet novelist composer painter architect
 director filmmaker inventor discoverer creator designer developer founder musician singer performer actor actress
-player athlete physicist chemist mathematician""".split())
+player athlete physicist chemist mathematician band team company""".split())
 PLACES = frozenset("country countries nation city cities town capital continent state province region place".split())
+THINGS = frozenset("""album song single record film movie book novel poem painting language instrument sport game genre
+style field discipline element symbol currency""".split())
 PLACE_PREPOSITIONS = frozenset(("in", "at", "from", "into", "to"))
 
 
@@ -341,8 +343,9 @@ def asked_kind(text: str) -> str | None:
       ("Who won the 1993 prize?", "When Caesar died, the crowd");
     - "agent", who did something: "Who ...?", "Which scientist ...?", a sentence left open after "was ... by",
       "by the architect", or opening on one ("The inventor of the revolver is");
-    - "place": "Where ...?", "In which country ...?", a sentence left open at "in" or "the city of".
-    None where the wording does not say: "The capital of Japan is", "Which album features Thriller?"."""
+    - "place": "Where ...?", "In which country ...?", a sentence left open at "in" or "the city of";
+    - "thing": "Which album ...?", "What instrument ...?", "In which field ...?" (a noun of THINGS).
+    None where the wording does not say: "The capital of Japan is", "What is Pearl Jam's best-selling album?"."""
     for line in unlabelled_lines(text):
         said = [w.lower() for w in WORD.findall(line)]
         kind = _question_kind(said) if line.endswith("?") else _sentence_kind(said)
@@ -361,9 +364,11 @@ def _question_kind(said: list[str]) -> str | None:
         return "place"
     for i, word in enumerate(first):
         if word in ("which", "what"):
-            noun = next((w for w in said[i + 1:i + 4] if w in AGENTS or w in PLACES), None)
+            noun = next((w for w in said[i + 1:i + 4] if w in AGENTS or w in PLACES or w in THINGS), None)
             if noun in AGENTS:
                 return "agent"
+            if noun in THINGS:
+                return "thing"
             if noun in PLACES and i and said[i - 1] in PLACE_PREPOSITIONS:  # "In which country", not "Which nation"
                 return "place"
     return None

@@ -42,7 +42,8 @@ class _Read:
     runs: tuple[frozenset[str], ...]  # its names as `keys.name_runs` groups them
     said: frozenset[str]  # every word of its phrasings
     asked: frozenset[str]  # what its phrasings ask of what they name (`keys.asks`): the relation's words
-    kinds: frozenset[str]  # the answer kinds its phrasings ask for (`keys.asked_kind`); "number" for a digit in target
+    kinds: frozenset[str]  # the answer kinds its phrasings ask for (`keys.asked_kind`); "number" for a digit in its
+    # target, "thing" for a target without a capital letter where the phrasings say no kind
 
 
 class EditMentions:
@@ -78,6 +79,8 @@ class EditMentions:
             kinds = {asked_kind(phrasing) for phrasing in phrasings} - {None}
             if any(c.isdigit() for c in record.target):
                 kinds.add("number")
+            elif not kinds and any(c.islower() for c in record.target) and not any(c.isupper() for c in record.target):
+                kinds.add("thing")  # all lower case: a common noun ("piano"), nobody's name; no case says nothing
             self._known[edit_id] = _Read(
                 phrasings, names, words(record.subject or ""), runs,
                 said=frozenset().union(*map(words, phrasings)),
@@ -104,14 +107,19 @@ class EditMentions:
     def asks_another_kind(self, edit_id: int, query: Mentions) -> bool:
         """Whether the query asks for another kind of answer than the edit (`keys.asked_kind`): a year or an amount
         of an edit that answers with neither ("When was The Magic Flute first performed?" beside the edit of its
-        composer: the same subject and most of the words, however near the two embed), or who of an edit that
-        asks where, or where of one that asks who ("In which country was penicillin discovered?" beside
-        "Penicillin was discovered by"). A name is what an edit answers unless its wording says otherwise; the
-        kinds of answer the query or the edit leave unsaid turn nothing away."""
+        composer: the same subject and most of the words, however near the two embed); who of an edit that asks
+        where or answers with a thing ("Who taught Jimi Hendrix music?" beside the edit of his instrument, whose
+        answer, all lower case, is nobody's name); a place or a thing of one that asks who ("In which country was
+        penicillin discovered?" beside "Penicillin was discovered by", "Which album features Thriller?" beside the
+        edit of who recorded it). A name is what an edit answers unless its wording or its answer says otherwise;
+        the kinds of answer the query or the edit leave unsaid turn nothing away, nor does a place asked of a thing
+        (a sentence left open at "in" may ask either: "built a career in")."""
         asked, kinds = asked_kind(query.text), self._read(edit_id).kinds
         if asked == "number":
             return "number" not in kinds
-        return asked is not None and bool(kinds) and asked not in kinds
+        if asked is None or not kinds or asked in kinds:
+            return False
+        return asked == "agent" or "thing" not in kinds  # a sentence left open at "in" may ask a thing ("a career in")
 
     def __call__(self, edit_id: int, query: Mentions, nearby: Callable[[], set[int]] = set) -> bool:
         edit = self._read(edit_id)
