@@ -326,7 +326,8 @@ def words(text: str) -> frozenset[str]:
 
 
 NUMBER_QUESTION = re.compile(r"\b(?:when|how (?:many|much|old|long)|(?:what|which) year)\b")
-# Nouns that name who did something, and nouns of places and of things, after "which" / "what" or opening a sentence
+# Nouns that name who did something (after "which" / "what", or opening a sentence), places (after "which" / "what",
+# or before the "of" a sentence stops at) and things (after "which" / "what")
 AGENTS = frozenset("""person people man woman scientist artist writer author poet novelist composer painter architect
 director filmmaker inventor discoverer creator designer developer founder musician singer performer actor actress
 player athlete physicist chemist mathematician band team company""".split())
