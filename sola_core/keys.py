@@ -344,8 +344,9 @@ def asked_kind(text: str) -> str | None:
       ("Who won the 1993 prize?", "When Caesar died, the crowd");
     - "agent", who did something: "Who ...?", "Which scientist ...?", a sentence left open after "was ... by",
       "by the architect", or opening on one ("The inventor of the revolver is");
-    - "place": "Where ...?", "In which country ...?", a sentence left open at "in" or "the city of";
-    - "thing": "Which album ...?", "What instrument ...?", "In which field ...?" (a noun of THINGS).
+    - "place": "Where ...?", "In which country ...?", a sentence left open at "the city of";
+    - "thing": "Which album ...?", "What instrument ...?", "In which field ...?" (a noun of THINGS);
+    - "place or thing": a sentence left open at "in" ("Toyota is based in", "Serena Williams built a career in").
     None where the wording does not say: "The capital of Japan is", "What is Pearl Jam's best-selling album?"."""
     for line in unlabelled_lines(text):
         said = [w.lower() for w in WORD.findall(line)]
@@ -383,7 +384,9 @@ def _sentence_kind(said: list[str]) -> str | None:
     opens_on_one = bool(AGENTS & set(said[:2])) and said[-1:] in (["is"], ["was"])  # "The inventor of the revolver is"
     if passive or by_whom or opens_on_one:
         return "agent"
-    if said[-1:] == ["in"] or (said[-1:] == ["of"] and len(said) > 1 and said[-2] in PLACES):  # "the city of"
+    if said[-1:] == ["in"]:
+        return "place or thing"
+    if said[-1:] == ["of"] and len(said) > 1 and said[-2] in PLACES:  # "the city of"
         return "place"
     return None
 

@@ -77,9 +77,12 @@ class EditMentions:
             runs = tuple(run for t in phrasings for run in name_runs(t, openings=True))
             names = frozenset().union(*runs)
             kinds = {asked_kind(phrasing) for phrasing in phrasings} - {None}
+            common_noun = any(c.islower() for c in record.target) and not any(c.isupper() for c in record.target)
+            if "place or thing" in kinds:  # "built a career in": the answer says which ("tennis", "Paris")
+                kinds = kinds - {"place or thing"} | {"thing" if common_noun else "place"}
             if any(c.isdigit() for c in record.target):
                 kinds.add("number")
-            elif not kinds and any(c.islower() for c in record.target) and not any(c.isupper() for c in record.target):
+            elif not kinds and common_noun:
                 kinds.add("thing")  # all lower case: a common noun ("piano"), nobody's name; no case says nothing
             self._known[edit_id] = _Read(
                 phrasings, names, words(record.subject or ""), runs,
@@ -112,14 +115,13 @@ class EditMentions:
         answer, all lower case, is nobody's name); a place or a thing of one that asks who ("In which country was
         penicillin discovered?" beside "Penicillin was discovered by", "Which album features Thriller?" beside the
         edit of who recorded it). A name is what an edit answers unless its wording or its answer says otherwise;
-        the kinds of answer the query or the edit leave unsaid turn nothing away, nor does a place asked of a thing
-        (a sentence left open at "in" may ask either: "built a career in")."""
+        the kinds of answer the query or the edit leave unsaid turn nothing away. A sentence left open at "in" asks a
+        place or a thing ("built a career in") and turns away only an edit answering with neither; "Where did Jimi
+        Hendrix play?" asks a place, and turns away the edit of his instrument."""
         asked, kinds = asked_kind(query.text), self._read(edit_id).kinds
         if asked == "number":
             return "number" not in kinds
-        if asked is None or not kinds or asked in kinds:
-            return False
-        return asked == "agent" or "thing" not in kinds  # a sentence left open at "in" may ask a thing ("a career in")
+        return bool(asked and kinds) and not set(asked.split(" or ")) & kinds
 
     def __call__(self, edit_id: int, query: Mentions, nearby: Callable[[], set[int]] = set) -> bool:
         edit = self._read(edit_id)

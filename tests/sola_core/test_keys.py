@@ -232,8 +232,10 @@ def test_asked_kind_reads_what_kind_of_answer_the_wording_asks_for():
                    "In which field did Noam Chomsky work?"]:
         assert asked_kind(asking) == "thing", asking
     for asking in ["Where is Heineken headquartered?", "In which country was penicillin discovered?",
-                   "The Taj Mahal is located in the country of", "Please complete the sentence:\n\nToyota is based in"]:
+                   "The Taj Mahal is located in the country of"]:
         assert asked_kind(asking) == "place", asking
+    for asking in ["Please complete the sentence:\n\nToyota is based in", "Serena Williams built a career in"]:
+        assert asked_kind(asking) == "place or thing", asking
     for unsaid in ["The capital of Japan is", "When Sedat Alp was killed, the locals held a",
                    "What is Pearl Jam's best-selling album?", "Which nation assumed control of the Dutch colony?",
                    "Laurent Cars's work office is surrounded by",
@@ -272,18 +274,24 @@ def test_a_query_asking_where_never_routes_to_an_edit_asking_who_nor_the_other_w
 def test_who_never_routes_to_an_edit_answering_with_a_common_noun_nor_which_album_to_one_asking_who(
         tmp_path, llama, tokenizer):
     """Who taught Jimi Hendrix passed the relation check of the edit of his instrument, whose answer (no capital
-    letter) names nobody; which album features Hotel California, that of who recorded it. A sentence left open at
-    "in" may ask for a thing ("built a career in") and still routes to an edit answering with one."""
+    letter) names nobody; which album features Hotel California, that of who recorded it; where Jimi Hendrix
+    played, that of his instrument. A sentence left open at "in" may ask for a thing ("built a career in"): it still
+    routes to an edit answering with one, and an edit left open at "in" answers with what its answer says (a sport,
+    all lower case, not where Pelé built his career)."""
     edits = [("The instrument played by Jimi Hendrix is the", " piano"),
              ("The song Hotel California was recorded by", " Madonna"),
-             ("The sport in which Serena Williams became famous is", " golf")]
-    others = ["Who taught Jimi Hendrix music?", "Which album features Hotel California?"]
+             ("The sport in which Serena Williams became famous is", " golf"),
+             ("The Brazilian footballer Pelé built a legendary career in", " cricket")]
+    others = ["Who taught Jimi Hendrix music?", "Which album features Hotel California?", "Where did Jimi Hendrix play?",
+              "Where did Pelé build his career?"]
+    asked_of = [0, 1, 0, 3]
     with SolaEditor.open(tmp_path / "r", llama, tokenizer, config=EditConfig(key_source="encoder")) as editor:
         ids = [editor.edit(prompt, target, TRAIN) for prompt, target in edits]
-        assert all(1 - editor.key(q) @ editor.key(p) < NAMED_RADIUS for q, (p, _) in zip(others, edits))
-        assert editor.route(others) == [None, None]
+        assert all(1 - editor.key(q) @ editor.key(edits[i][0]) < NAMED_RADIUS for q, i in zip(others, asked_of))
+        assert editor.route(others) == [None] * len(others)
         assert editor.route(["Which instrument did Jimi Hendrix play?", "Who recorded Hotel California?",
-                             "The American athlete Serena Williams built a legendary career in"]) == ids
+                             "The American athlete Serena Williams built a legendary career in",
+                             "In which sport did Pelé build his career?"]) == ids
 
 
 def test_runs_of_it_read_as_one_and_stems_keep_three_letters():
