@@ -42,8 +42,8 @@ class _Read:
     runs: tuple[frozenset[str], ...]  # its names as `keys.name_runs` groups them
     said: frozenset[str]  # every word of its phrasings
     asked: frozenset[str]  # what its phrasings ask of what they name (`keys.asks`): the relation's words
-    kinds: frozenset[str]  # the answer kinds its phrasings ask for (`keys.asked_kind`); "number" for a digit in its
-    # target, "thing" for a target without a capital letter where the phrasings say no kind
+    kinds: frozenset[str]  # the answer kinds its phrasings ask for (`keys.asked_kind`; "place or thing" read as its
+    # target says); "number" for a digit in its target, "thing" for one without a capital where they say no kind
 
 
 class EditMentions:
