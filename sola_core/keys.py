@@ -337,8 +337,8 @@ style field discipline element symbol currency""".split())
 PLACE_PREPOSITIONS = frozenset(("in", "at", "from", "into", "to"))
 
 
-def asked_kind(text: str) -> str | None:
-    """The kind of answer a text asks for, where its wording says (its first line that does):
+def asked_kinds(text: str) -> frozenset[str]:
+    """The kinds of answer a text asks for, where its wording says (its first line that does); empty where not:
     - "number", a year or an amount: a question whose first four words ask it ("When was ...?", "In what year
       ...?", "Quick one: how many ...?"), a sentence left open at "year"; a year said on the way asks for none
       ("Who won the 1993 prize?", "When Caesar died, the crowd");
@@ -346,49 +346,50 @@ def asked_kind(text: str) -> str | None:
       "by the architect", or opening on one ("The inventor of the revolver is");
     - "place": "Where ...?", "In which country ...?", a sentence left open at "the city of";
     - "thing": "Which album ...?", "What instrument ...?", "In which field ...?" (a noun of THINGS);
-    - "place or thing": a sentence left open at "in" ("Toyota is based in", "Serena Williams built a career in").
-    None where the wording does not say: "The capital of Japan is", "What is Pearl Jam's best-selling album?"."""
+    - "place" and "thing", either: a sentence left open at "in" ("Toyota is based in", "Serena Williams built a
+      career in").
+    Nothing where the wording does not say: "The capital of Japan is", "What is Pearl Jam's best-selling album?"."""
     for line in unlabelled_lines(text):
         said = [w.lower() for w in WORD.findall(line)]
-        kind = _question_kind(said) if line.endswith("?") else _sentence_kind(said)
-        if kind:
-            return kind
-    return None
+        kinds = _question_kinds(said) if line.endswith("?") else _sentence_kinds(said)
+        if kinds:
+            return kinds
+    return frozenset()
 
 
-def _question_kind(said: list[str]) -> str | None:
+def _question_kinds(said: list[str]) -> frozenset[str]:
     first = said[:4]
     if NUMBER_QUESTION.search(" ".join(first)):
-        return "number"
+        return frozenset({"number"})
     if {"who", "whom", "whose"} & set(first):
-        return "agent"
+        return frozenset({"agent"})
     if "where" in first:
-        return "place"
+        return frozenset({"place"})
     for i, word in enumerate(first):
         if word in ("which", "what"):
             noun = next((w for w in said[i + 1:i + 4] if w in AGENTS or w in PLACES or w in THINGS), None)
             if noun in AGENTS:
-                return "agent"
+                return frozenset({"agent"})
             if noun in THINGS:
-                return "thing"
+                return frozenset({"thing"})
             if noun in PLACES and i and said[i - 1] in PLACE_PREPOSITIONS:  # "In which country", not "Which nation"
-                return "place"
-    return None
+                return frozenset({"place"})
+    return frozenset()
 
 
-def _sentence_kind(said: list[str]) -> str | None:
+def _sentence_kinds(said: list[str]) -> frozenset[str]:
     if said[-1:] in (["year"], ["years"]):
-        return "number"
+        return frozenset({"number"})
     passive = said[-1:] == ["by"] and bool({"was", "were"} & set(said))  # "Jaws was directed by"
     by_whom = "by" in said[-3:-1] and said[-1] in AGENTS  # "... designed by the architect"
     opens_on_one = bool(AGENTS & set(said[:2])) and said[-1:] in (["is"], ["was"])  # "The inventor of the revolver is"
     if passive or by_whom or opens_on_one:
-        return "agent"
+        return frozenset({"agent"})
     if said[-1:] == ["in"]:
-        return "place or thing"
+        return frozenset({"place", "thing"})
     if said[-1:] == ["of"] and len(said) > 1 and said[-2] in PLACES:  # "the city of"
-        return "place"
-    return None
+        return frozenset({"place"})
+    return frozenset()
 
 
 SUFFIX = re.compile(r"(?:ings?|ed|ers?|ors?|ions?|ly|es|s|e)$")

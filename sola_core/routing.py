@@ -24,7 +24,7 @@ from registry.errors import CorruptEdit
 
 from .generation import with_positions
 from .config import NAMED_RADIUS, NEARBY, RELATION_RADIUS
-from .keys import (KeySource, Mentions, as_it, asked_parts, asked_kind, asks, name_runs, names, overlap,
+from .keys import (KeySource, Mentions, as_it, asked_parts, asked_kinds, asks, name_runs, names, overlap,
                    refilled, undescribed, within, words)
 
 log = logging.getLogger(__name__)
@@ -42,8 +42,8 @@ class _Read:
     runs: tuple[frozenset[str], ...]  # its names as `keys.name_runs` groups them
     said: frozenset[str]  # every word of its phrasings
     asked: frozenset[str]  # what its phrasings ask of what they name (`keys.asks`): the relation's words
-    kinds: frozenset[str]  # the answer kinds its phrasings ask for (`keys.asked_kind`; "place or thing" read as its
-    # target says); "number" for a digit in its target, "thing" for one without a capital where they say no kind
+    kinds: frozenset[str]  # the answer kinds its phrasings ask for (`keys.asked_kinds`; "place" or "thing" read as
+    # its target says); "number" for a digit in its target, "thing" for one without a capital where they say none
 
 
 class EditMentions:
@@ -76,10 +76,13 @@ class EditMentions:
             phrasings = [record.prompt, *record.paraphrases]
             runs = tuple(run for t in phrasings for run in name_runs(t, openings=True))
             names = frozenset().union(*runs)
-            kinds = {asked_kind(phrasing) for phrasing in phrasings} - {None}
             common_noun = any(c.islower() for c in record.target) and not any(c.isupper() for c in record.target)
-            if "place or thing" in kinds:  # "built a career in": the answer says which ("tennis", "Paris")
-                kinds = kinds - {"place or thing"} | {"thing" if common_noun else "place"}
+            kinds: set[str] = set()
+            for phrasing in phrasings:
+                asked = asked_kinds(phrasing)
+                if asked == {"place", "thing"}:  # "built a career in": the answer says which ("tennis", "Paris")
+                    asked = {"thing" if common_noun else "place"}
+                kinds |= asked
             if any(c.isdigit() for c in record.target):
                 kinds.add("number")
             elif not kinds and common_noun:
@@ -108,7 +111,7 @@ class EditMentions:
         return any(not any(within(q, e) or within(e, q) for e in es) for q, es in touching)
 
     def asks_another_kind(self, edit_id: int, query: Mentions) -> bool:
-        """Whether the query asks for another kind of answer than the edit (`keys.asked_kind`): a year or an amount
+        """Whether the query asks for another kind of answer than the edit (`keys.asked_kinds`): a year or an amount
         of an edit that answers with neither ("When was The Magic Flute first performed?" beside the edit of its
         composer: the same subject and most of the words, however near the two embed); who of an edit that asks
         where or answers with a thing ("Who taught Jimi Hendrix music?" beside the edit of his instrument, whose
@@ -118,10 +121,10 @@ class EditMentions:
         the kinds of answer the query or the edit leave unsaid turn nothing away. A sentence left open at "in" asks a
         place or a thing ("built a career in") and turns away only an edit answering with neither; "Where did Jimi
         Hendrix play?" asks a place, and turns away the edit of his instrument."""
-        asked, kinds = asked_kind(query.text), self._read(edit_id).kinds
-        if asked == "number":
+        asked, kinds = asked_kinds(query.text), self._read(edit_id).kinds
+        if "number" in asked:
             return "number" not in kinds
-        return bool(asked and kinds) and not set(asked.split(" or ")) & kinds
+        return bool(asked and kinds) and not asked & kinds
 
     def __call__(self, edit_id: int, query: Mentions, nearby: Callable[[], set[int]] = set) -> bool:
         edit = self._read(edit_id)

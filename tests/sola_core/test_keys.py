@@ -5,7 +5,7 @@ import torch
 from registry.errors import ValidationError
 from sola_core import EditConfig, RuntimeConfig, SolaEditor, TrainConfig
 from sola_core.config import NAMED_RADIUS, RELATION_RADIUS
-from sola_core.keys import (EncoderKey, LayerKey, Mentions, as_it, asked_parts, asked_kind, asks, key_source,
+from sola_core.keys import (EncoderKey, LayerKey, Mentions, as_it, asked_parts, asked_kinds, asks, key_source,
                             name_runs, names, refilled, same_word, stem, undescribed, unlabelled, words)
 
 TRAIN = TrainConfig(lr=5e-2, max_steps=200, margin=1.0)
@@ -219,28 +219,28 @@ def test_a_query_asking_the_same_in_other_words_routes_by_a_pair_of_near_words(t
         assert editor.route([reworded, other]) == [eid, None]
 
 
-def test_asked_kind_reads_what_kind_of_answer_the_wording_asks_for():
+def test_asked_kinds_reads_what_kind_of_answer_the_wording_asks_for():
     for asking in ["When was the telephone invented?", "In what year did the Berlin Wall fall?",
                    "Quick one: how many moons does Mars have?", "The telephone was invented in the year",
                    "Please answer the question:\n\nQ: When did it open?\nA:"]:
-        assert asked_kind(asking) == "number", asking
+        assert asked_kinds(asking) == {"number"}, asking
     for asking in ["Who composed The Magic Flute?", "Who received the Ig Nobel Prize in Mathematics in the year 1993?",
                    "Which scientist discovered oxygen?", "Penicillin was discovered by", "The inventor of the revolver is",
                    "The Sydney Opera House was designed by the architect", "Which band did Eric Clapton play in?"]:
-        assert asked_kind(asking) == "agent", asking
+        assert asked_kinds(asking) == {"agent"}, asking
     for asking in ["Which album features Thriller?", "What instrument is associated with Niccolò Paganini?",
                    "In which field did Noam Chomsky work?"]:
-        assert asked_kind(asking) == "thing", asking
+        assert asked_kinds(asking) == {"thing"}, asking
     for asking in ["Where is Heineken headquartered?", "In which country was penicillin discovered?",
                    "The Taj Mahal is located in the country of"]:
-        assert asked_kind(asking) == "place", asking
+        assert asked_kinds(asking) == {"place"}, asking
     for asking in ["Please complete the sentence:\n\nToyota is based in", "Serena Williams built a career in"]:
-        assert asked_kind(asking) == "place or thing", asking
+        assert asked_kinds(asking) == {"place", "thing"}, asking
     for unsaid in ["The capital of Japan is", "When Sedat Alp was killed, the locals held a",
                    "What is Pearl Jam's best-selling album?", "Which nation assumed control of the Dutch colony?",
                    "Laurent Cars's work office is surrounded by",
                    "What should one anticipate when requesting Focaccia at an Italian restaurant?", ""]:
-        assert asked_kind(unsaid) is None, unsaid
+        assert asked_kinds(unsaid) == frozenset(), unsaid
 
 
 def test_a_query_asking_for_a_year_never_routes_to_an_edit_answering_with_a_name(tmp_path, llama, tokenizer):
