@@ -5,6 +5,7 @@ import torch
 from registry.errors import ValidationError
 from sola_core import EditConfig, RuntimeConfig, SolaEditor, TrainConfig
 from sola_core.config import NAMED_RADIUS, RELATION_RADIUS
+from sola_core.routing import EditMentions
 from sola_core.keys import (EncoderKey, LayerKey, Mentions, as_it, asked_parts, asked_kinds, asks, key_source,
                             name_runs, names, refilled, same_word, stem, undescribed, unlabelled, words)
 
@@ -190,6 +191,18 @@ def test_what_a_text_asks_is_its_words_but_its_subject_and_openers():
     assert asks("Japan's capital is", frozenset({"japan"})) == {"capital"}  # no "s"
     assert as_it("The capital of Saint Kitts and Nevis is", frozenset({"saint", "kitts", "nevis"})) == \
         "The capital of it is"
+
+
+def test_a_particle_inside_a_name_is_what_a_text_is_about_not_what_it_asks():
+    """Two questions about Jacqueline du Pré share "du": read as asked, it made any other role of hers pass the
+    relation check by a word in common. "van" outside a name is still asked."""
+    about = frozenset({"jacqueline", "pré"})
+    other_role, prompt = "Who taught Jacqueline du Pré the cello?", "Jacqueline du Pré played the"
+    assert asks(other_role, about) == {"taught", "cello"} and asks(prompt, about) == {"play"}
+    assert not EditMentions(None).asks_the_same([prompt], other_role, about)  # words alone, no encoder
+    assert "van" in asks("Which company makes the Transit van?", frozenset())
+    assert asks("Who painted Jan van der Pelt?", frozenset()) == {"paint", "jan", "pelt"}
+    assert as_it("Ludwig van Beethoven composed", frozenset({"ludwig", "beethoven"})) == "it composed"
 
 
 def test_a_query_naming_the_edits_subject_routes_only_when_it_asks_the_same(tmp_path, llama, tokenizer):
