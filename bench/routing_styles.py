@@ -124,9 +124,14 @@ def placed(editor, text: str, edit_id: int, routed: int | None, keys_of: dict[in
     queries = editor.router.queries(editor.tokenize_batch([text]))[0][0]  # (S, d)
     own = float((1 - queries @ keys_of[edit_id].T.to(queries)).min())
     nearest = float(editor.registry.nearest(queries)[0].min())
-    where = ("nearer another edit" if nearest < own - 1e-6 else "within the threshold"
-             if own <= editor.registry.config.threshold else "in the ring"
-             if own <= sola_core.routing.NAMED_RADIUS else "beyond the ring")
+    if nearest < own - 1e-6:
+        where = "nearer another edit"
+    elif own <= editor.registry.config.threshold:
+        where = "within the threshold"
+    elif own <= sola_core.routing.NAMED_RADIUS:
+        where = "in the ring"
+    else:
+        where = "beyond the ring"
     return {"text": text, "edit": editor.registry.get(edit_id).prompt, "routed_to": routed,
             "distance": round(own, 3), "where": where}
 
