@@ -27,6 +27,7 @@ import json
 import os
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -68,16 +69,15 @@ def main() -> None:
     thresholds = [float(t) for t in args.thresholds.split(",")] if args.thresholds else [None]
     with tempfile.TemporaryDirectory() as tmp, SolaEditor.open(f"{tmp}/r", model, tokenizer) as editor:
         zero = {name: torch.zeros(shape) for name, shape in adapter_shapes(editor.registry.config).items()}
-        ids, keys_of = [], {}
+        ids = []
         for case in cases:
             texts = [case.prompt, *(case.paraphrases if args.paraphrases else [])]
             keys = torch.stack([editor.key(text) for text in texts])
             ids.append(editor.registry.add(case.prompt, " " + case.answer, keys.cpu().numpy(), zero,
                                            paraphrases=texts[1:], subject=case.subject if args.subjects else None))
-            keys_of[ids[-1]] = keys
         reports = [measure(editor, cases, ids, tokenizer, t) for t in thresholds]
         if args.misses:
-            reports[-1]["bare/misses"] = misses(editor, cases, ids, keys_of)
+            reports[-1]["bare/misses"] = misses(editor, cases, ids)
     for report in reports:
         report.update(dataset=args.dataset, edits=len(cases), every=args.every, paraphrases=args.paraphrases,
                       subjects=args.subjects, named_radius=sola_core.routing.NAMED_RADIUS,
@@ -112,27 +112,27 @@ def measure(editor, cases, ids, tokenizer, threshold: float | None) -> dict:
     return report
 
 
-def misses(editor, cases, ids, keys_of: dict[int, torch.Tensor]) -> dict:
+def misses(editor, cases, ids) -> dict:
     """Bare style: each rephrase that does not reach its own edit, placed by its distance to that edit's keys, and
     each question of another role that reaches an edit (where the cases have them), placed by its distance to the
     edit it reaches; a count per place of each."""
     rephrases = [(text, edit_id) for case, edit_id in zip(cases, ids) for text in case.rephrases]
     got = batched(editor.route, [text for text, _ in rephrases])
-    report = {"rephrases_missed": tally([placed(editor, text, edit_id, routed, keys_of)
+    report = {"rephrases_missed": tally([placed(editor, text, edit_id, routed)
                                          for (text, edit_id), routed in zip(rephrases, got) if routed != edit_id])}
     questions = [text for case in cases for text in case.subject_questions]
     if questions:
         got = batched(editor.route, questions)
-        report["subject_questions_routed"] = tally([placed(editor, text, routed, routed, keys_of)
+        report["subject_questions_routed"] = tally([placed(editor, text, routed, routed)
                                                     for text, routed in zip(questions, got) if routed is not None])
     return report
 
 
-def placed(editor, text: str, edit_id: int, routed: int | None, keys_of: dict[int, torch.Tensor]) -> dict:
+def placed(editor, text: str, edit_id: int, routed: int | None) -> dict:
     """Where `text` lies from edit `edit_id`'s keys (the nearest of its queries: whole text, lines, without
     descriptions): within the threshold, in the ring, beyond it, or nearer to another edit."""
     queries = editor.router.queries(editor.tokenize_batch([text]))[0][0]  # (S, d)
-    own = float((1 - queries @ keys_of[edit_id].T.to(queries)).min())
+    own = float((1 - queries @ torch.as_tensor(editor.registry.keys(edit_id)).T.to(queries)).min())
     nearest = float(editor.registry.nearest(queries)[0].min())
     if nearest < own - 1e-6:
         where = "nearer another edit"
@@ -147,10 +147,7 @@ def placed(editor, text: str, edit_id: int, routed: int | None, keys_of: dict[in
 
 
 def tally(listed: list[dict]) -> dict:
-    counts: dict[str, int] = {}
-    for item in listed:
-        counts[item["where"]] = counts.get(item["where"], 0) + 1
-    return {"count": len(listed), "by_place": counts, "listed": listed}
+    return {"count": len(listed), "by_place": dict(Counter(item["where"] for item in listed)), "listed": listed}
 
 
 if __name__ == "__main__":
