@@ -395,16 +395,16 @@ def _sentence_kinds(said: list[str]) -> frozenset[str]:
 SUFFIX = re.compile(r"(?:ings?|ed|ers?|ors?|ions?|ly|es|s|e)$")
 
 
-# Lower-case words inside a name ("Jacqueline du Pré", "Ludwig van Beethoven", "Clair de Lune"): part of what a text
-# is about, never of what it asks, or any two questions about du Pré would share "du".
-PARTICLES = "van|von|de|du|da|di|der|den|del|la|le"
-NAME_PARTICLES = re.compile(rf"\b[A-ZÀ-Þ][^\W\d_]*((?:\s+(?:{PARTICLES}))+)\s+(?=[A-ZÀ-Þ])")
+# Lower-case words inside a name ("Jacqueline du Pré", "Ludwig van Beethoven", "Clair de Lune", "Abd al-Malik ibn
+# Marwan"): part of what a text is about, never of what it asks, or any two questions about du Pré would share "du".
+PARTICLES = "van|von|de|du|da|di|der|den|del|la|le|dos|das|ter|ibn|bin|al"
+NAME_PARTICLES = re.compile(rf"\b[A-ZÀ-Þ][^\W\d_]*((?:[\s-]+(?:{PARTICLES}))+)[\s-]+(?=[A-ZÀ-Þ])")
 
 
 def asks(text: str, about: frozenset[str]) -> frozenset[str]:
     """What a text asks of what it is about: its words but the OPENERS, those in `about`, the particles inside
     a name and single letters, each without a common suffix (`stem`)."""
-    inside = {w for m in NAME_PARTICLES.finditer(text) for w in m.group(1).split()}
+    inside = {w for m in NAME_PARTICLES.finditer(text) for w in WORD.findall(m.group(1))}
     return frozenset(stem(w) for w in words(text) - about - inside if len(w) > 1)
 
 
@@ -414,7 +414,7 @@ def stem(word: str) -> str:
     return short if len(short) >= 3 else word
 
 
-RUN_OF_IT = re.compile(rf"\b(?:(?:the|a|an)\s+)?it(?:(?:\s+(?:and|of|the|{PARTICLES}))*\s+it\b)+|\b(?:the|a|an)\s+it\b",
+RUN_OF_IT = re.compile(rf"\b(?:(?:the|a|an)\s+)?it(?:(?:[\s-]+(?:and|of|the|{PARTICLES}))*[\s-]+it\b)+|\b(?:the|a|an)\s+it\b",
                        re.IGNORECASE)  # "Saint Kitts and Nevis", read word by word; "the luxury car brand BMW"
 
 

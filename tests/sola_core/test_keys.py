@@ -203,6 +203,9 @@ def test_a_particle_inside_a_name_is_what_a_text_is_about_not_what_it_asks():
     assert "van" in asks("Which company makes the Transit van?", frozenset())
     assert asks("Who painted Jan van der Pelt?", frozenset()) == {"paint", "jan", "pelt"}
     assert as_it("Ludwig van Beethoven composed", frozenset({"ludwig", "beethoven"})) == "it composed"
+    caliph = frozenset({"abd", "malik", "marwan"})  # a hyphen joins a particle too
+    assert asks("Which faith did Abd al-Malik ibn Marwan follow?", caliph) == {"faith", "follow"}
+    assert as_it("Abd al-Malik ibn Marwan follows the religion of", caliph) == "it follows the religion of"
 
 
 def test_a_query_naming_the_edits_subject_routes_only_when_it_asks_the_same(tmp_path, llama, tokenizer):
