@@ -206,6 +206,7 @@ def test_a_particle_inside_a_name_is_what_a_text_is_about_not_what_it_asks():
     caliph = frozenset({"abd", "malik", "marwan"})  # a hyphen joins a particle too
     assert asks("Which faith did Abd al-Malik ibn Marwan follow?", caliph) == {"faith", "follow"}
     assert as_it("Abd al-Malik ibn Marwan follows the religion of", caliph) == "it follows the religion of"
+    assert as_it("Who founded Coca-Cola?", frozenset({"coca", "cola"})) == "Who founded it?"  # one name, one "it"
 
 
 def test_a_query_naming_the_edits_subject_routes_only_when_it_asks_the_same(tmp_path, llama, tokenizer):
