@@ -140,12 +140,15 @@ class EditMentions:
 
     def _lent(self, edit_id: int, nearby: Callable[[], set[int]]) -> frozenset[str]:
         """The words the named edits nearest the query ask with, of those among them that share one with this
-        edit (the same relation, worded otherwise): "Which city is home to the headquarters of Rolex?" lends "city"
-        and "home" to "The headquarters of Toyota are in", for "Which city does Toyota call home?". A relation's
-        wording, learned from the registry itself."""
-        mine = self._read(edit_id).asked
-        lent = [self._read(other) for other in nearby() - {edit_id}]
-        return frozenset().union(*(other.asked for other in lent if other.names and other.asked & mine))
+        edit, or with one that does, and so on (the same relation, worded otherwise): "Which city is home to the
+        headquarters of Rolex?" lends "city" and "home" to "The headquarters of Toyota are in", for "Which city
+        does Toyota call home?"; "Which city is home to Nestlé?" lends "home" through "Rolex has its headquarters
+        in the city of". A relation's wording, learned from the registry itself."""
+        others = [read.asked for read in map(self._read, nearby() - {edit_id}) if read.names]
+        lent = self._read(edit_id).asked
+        while joining := [asked for asked in others if asked & lent and not asked <= lent]:
+            lent = lent.union(*joining)
+        return lent
 
     def _asks_unnamed(self, edit_id: int, query: Mentions, nearby: Callable[[], set[int]]) -> bool:
         edit = self._read(edit_id)

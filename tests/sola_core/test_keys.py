@@ -438,3 +438,16 @@ def test_a_named_edit_takes_a_query_worded_as_nearby_edits_of_its_relation_word_
         assert editor.route(queries) == [None, None]
         editor.edit("Which city is home to the headquarters of Rolex?", " Paris", TRAIN)
         assert editor.route(queries) == [toyota, None]
+
+
+def test_a_relation_s_wording_is_lent_along_a_chain_of_its_nearby_edits(tmp_path, llama, tokenizer):
+    """"Where does Toyota call home?" asks with "call" and "home". The Rolex edit shares "headquarters" with
+    Toyota's and lends "town", which does not help; the Nestlé edit shares no word with Toyota's, but "town" with
+    Rolex's, and lends "home" through it. Another question about Toyota still does not route."""
+    queries = ["Where does Toyota call home?", "Who founded Toyota?"]
+    with SolaEditor.open(tmp_path / "r", llama, tokenizer, config=EditConfig(key_source="encoder")) as editor:
+        toyota = editor.edit("The headquarters of Toyota are in", " Oslo", TRAIN)
+        editor.edit("Rolex has its headquarters in the town of", " Paris", TRAIN)
+        assert editor.route(queries) == [None, None]
+        editor.edit("Which town is home to Nestlé?", " Rome", TRAIN)
+        assert editor.route(queries) == [toyota, None]
