@@ -139,11 +139,12 @@ class EditMentions:
         return not names(query.text, openings=True) and self._asks_unnamed(edit_id, query, nearby)
 
     def _lent(self, edit_id: int, nearby: Callable[[], set[int]]) -> frozenset[str]:
-        """The words the named edits nearest the query ask with, of those among them that share one with this
-        edit, or with one that does, and so on (the same relation, worded otherwise): "Which city is home to the
-        headquarters of Rolex?" lends "city" and "home" to "The headquarters of Toyota are in", for "Which city
-        does Toyota call home?"; "Which city is home to Nestlé?" lends "home" through "Rolex has its headquarters
-        in the city of". A relation's wording, learned from the registry itself."""
+        """The words this edit asks with, and those the named edits nearest the query ask with, of those among
+        them that share one with this edit, or with one that does, and so on (the same relation, worded
+        otherwise): "Which city is home to the headquarters of Rolex?" lends "city" and "home" to "The
+        headquarters of Toyota are in", for "Which city does Toyota call home?"; "Which city is home to Nestlé?"
+        lends "home" through "Rolex has its headquarters in the city of". A relation's wording, learned from the
+        registry itself."""
         others = [read.asked for read in map(self._read, nearby() - {edit_id}) if read.names]
         lent = self._read(edit_id).asked
         while joining := [asked for asked in others if asked & lent and not asked <= lent]:
