@@ -43,7 +43,8 @@ class SolaEditor:
         for spec in cfg.layers:
             if isinstance(getattr(*parent_of(model, spec.name)), SolaLayer):
                 raise ValidationError(f"{spec.name} is already patched by another SolaEditor; close that one first")
-        self.router = Router(model, registry, keys, self.cache, self.device)
+        ends = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []  # what training appends
+        self.router = Router(model, registry, keys, self.cache, self.device, ends)
         self._inject()
 
     @classmethod

@@ -226,21 +226,24 @@ class RoutingState:
     slots: torch.Tensor | None = None  # (m,) cache slot of each such row's adapter
     forced: Adapter | None = None  # adapters being trained, stacked per layer: (G, r, in), (G, out, r)
     forced_rows: torch.Tensor | None = None  # (B,) which of them each row trains
+    opening: bool = False  # decided on this prompt pass, whose output head has yet to run (`Router._opening`)
 
     def pending(self, positions: torch.Tensor, precomputed: torch.Tensor | None,
                 mentions: list[Mentions] | None = None) -> None:
         """A prompt pass begins: forget the last decision; the first edited layer makes the next one."""
         self.positions, self.precomputed, self.mentions, self.decide = positions, precomputed, mentions, True
         self.edit_ids = self.rows = self.slots = None
+        self.opening = False
 
     def routed(self, edit_ids: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor | None) -> None:
-        self.edit_ids, self.rows, self.slots, self.decide = edit_ids, rows, slots, False
+        self.edit_ids, self.rows, self.slots, self.decide, self.opening = edit_ids, rows, slots, False, True
 
     @contextmanager
     def forcing(self, adapters: Adapter, scaling: float) -> Iterator[None]:
         """Training mode: row b of every forward gets adapter `forced_rows[b]` of the stacked `adapters` (set
         `forced_rows` before each forward); no routing, no other edit."""
         self.forced, self.scaling, previous = adapters, scaling, self.scaling
+        self.opening = False
         try:
             yield
         finally:
@@ -347,28 +350,40 @@ class _Captured(Exception):
 
 
 class Router:
-    """Decides, once per sequence, which edit (if any) each row gets, and hands the layers its adapters."""
+    """Decides, once per sequence, which edit (if any) each row gets, and hands the layers its adapters.
+
+    An edit's answer is never empty, so a row given an edit does not end its reply before the answer begins: on
+    the prompt pass, the `ends` tokens (the end-of-sequence token its training appends) are ruled out after the
+    row's last prompt token. An adapter trained to end the reply after the answer, asked in other words, could
+    otherwise end it at once (an empty reply to "The opera The Magic Flute is a work by the composer")."""
 
     def __init__(self, model: nn.Module, registry: EditRegistry, keys: KeySource, cache: AdapterCache,
-                 device: torch.device) -> None:
+                 device: torch.device, ends: list[int] = ()) -> None:
         self.model, self.registry, self.keys, self.cache, self.device = model, registry, keys, cache, device
+        self.ends = torch.tensor(sorted(set(ends)), dtype=torch.long)
         cfg = registry.config
         self.state = RoutingState(adapters=cache.tensors, scaling=cfg.alpha / cfg.rank)
         self._capture = False
         self._captured: torch.Tensor | None = None
         self._pins: torch.Tensor | None = None  # (B,) edits given by name instead of routed (`pinned`)
+        self._length = 0  # tokens of the last prompt pass
         self._edit_mentions = EditMentions(registry, getattr(keys, "embed", None))
         registry.on_change(self._on_change)
         self._passes = PromptPasses(model, self._on_prompt)
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        self._head = head.register_forward_hook(self._opening) if head is not None and len(self.ends) else None
 
     def remove(self) -> None:
         self._passes.remove()
+        if self._head is not None:
+            self._head.remove()
 
     # -- in a forward ----------------------------------------------------------------------------
     def _on_prompt(self, prompt: Prompt) -> None:
         if self.state.forced is not None:
             return
         self.registry.refresh()  # edits made by other processes since the last prompt
+        self._length = prompt.length
         if self._pins is not None:
             self.state.pending(prompt.last_positions().to(self.device), None)
             return
@@ -388,6 +403,21 @@ class Router:
             self._captured = query
             raise _Captured
         s.routed(*self._resolve(query, s.mentions, x.device))
+
+    def _opening(self, head: nn.Module, args, logits: torch.Tensor) -> None:
+        """The output head's hook: on a prompt pass, each edited row's end tokens ruled out after its last
+        prompt token. The head may see only the last columns (`generate` keeps one): a row whose last prompt
+        token is not among them (right padding) has nothing to rule out."""
+        s = self.state
+        if not s.opening:
+            return
+        s.opening = False
+        if s.rows is None or not s.rows.numel() or logits.dim() != 3:
+            return
+        rows = s.rows.to(logits.device)
+        columns = s.positions.to(logits.device)[rows] - (self._length - logits.shape[1])
+        rows, columns = rows[columns >= 0], columns[columns >= 0]
+        logits[rows[:, None], columns[:, None], self.ends.to(logits.device)[None, :]] = float("-inf")
 
     def _resolve(self, queries: torch.Tensor, mentions: list[Mentions] | None,
                  device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

@@ -12,6 +12,7 @@ import torch
 import transformers
 
 from sola_core import EditConfig, SolaEditor, TrainConfig
+from sola_core.generation import with_positions
 from sola_core.routing import Prompt, cache_length, cached_tokens
 
 TRAIN = TrainConfig(lr=0.1, max_steps=300, margin=0.5)
@@ -77,6 +78,34 @@ def test_a_new_generate_call_is_routed_afresh(setup, tokenizer):
     assert generate(editor.model, tokenizer, [EDITED])[0] == TARGET
     assert generate(editor.model, tokenizer, [UNRELATED[0]]) == generate(base, tokenizer, [UNRELATED[0]]), RELEASE
     assert editor.routed() == [None], RELEASE
+
+
+def test_an_edited_row_never_ends_its_reply_before_its_answer_begins(setup, tokenizer):
+    """On a model whose every reply would end at once, the edited row still gives its answer's first token, then
+    ends (the decode steps are left alone); the unedited row ends at once, as the unedited model does."""
+    editor, base, eid = setup
+    eos = tokenizer.eos_token_id
+
+    def ends_at_once(head, args, logits):
+        logits[..., eos] += 1e4
+
+    hooks = [m.get_output_embeddings().register_forward_hook(ends_at_once) for m in (editor.model, base)]
+    try:
+        prompts = [UNRELATED[0], EDITED]  # the edited row left-padded
+        out = generate(editor.model, tokenizer, prompts)
+        assert editor.routed() == [None, eid], RELEASE
+        first = tokenizer.decode(tokenizer(TARGET, add_special_tokens=False)["input_ids"][:1])
+        assert out == ["", first], f"{out} {RELEASE}"
+        assert generate(base, tokenizer, prompts) == ["", ""], RELEASE
+        enc = with_positions(base, editor.tokenize_batch(prompts))
+        with torch.no_grad():  # a plain forward is a prompt pass too: every position's logits, the last one's ruled
+            logits, expected = editor.model(**enc).logits, base(**enc).logits
+        assert editor.routed() == [None, eid], RELEASE
+        assert logits[1, -1, eos] == float("-inf") and logits[1, :-1, eos].isfinite().all(), RELEASE
+        assert torch.equal(logits[0], expected[0]), f"the unedited row changed {RELEASE}"
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def cache_of(output):
