@@ -5,7 +5,8 @@ With the encoder key, which edit applies to a request is decided from its text a
 language model: per request it computes the query exactly as the in-layer router does (the prompt's tokens, and
 for a chat the last user message, through the same key source), finds the edit (same threshold, tombstones and
 per-line queries: `registry.match`), and forwards the request unchanged but for `model`, which names the edit's
-adapter (`edit-<id>-<12 hex of its adapter's sha256>`, immutable per version) or the base model. The answer,
+adapter (`edit-<id>-<12 hex of its adapter's sha256>`, immutable per version) or the base model, and, for an edit,
+`min_tokens` (`forwarded`). The answer,
 streamed or not, comes back as the upstream sent it, with headers saying which edit (`X-Sola-Edit`), adapter
 (`X-Sola-Adapter`) and upstream (`X-Sola-Upstream`) served it.
 
@@ -131,7 +132,7 @@ class Proxy:
             raise APIError(404, f"the model {body.get('model')!r} does not exist; this server serves "
                                 f"{self.model_name!r}", "model", "model_not_found")
         edit, adapter = await self.decide(text)
-        body = {**body, "model": adapter or self.model_name}
+        body = forwarded(body, adapter, self.model_name)
         tried = []
         for url in self.upstreams.order(adapter)[:2]:  # the first choice, and one retry elsewhere
             tried.append(url)
@@ -162,6 +163,17 @@ async def relay(reply: httpx.Response):
             yield part
     finally:
         await reply.aclose()
+
+
+def forwarded(body: dict, adapter: str | None, base_model: str) -> dict:
+    """The request as an upstream gets it: `model` names the edit's adapter, or the base model; and an edit's reply
+    does not end before its answer begins, as in a server routing in its layer (`routing.Router`): `min_tokens` of
+    at least 1 (vLLM's extension; `sola serve --by-name` ignores the field and rules the end out itself)."""
+    if adapter is None:
+        return {**body, "model": base_model}
+    asked = body.get("min_tokens")
+    least = asked if isinstance(asked, int) and not isinstance(asked, bool) and asked >= 1 else 1
+    return {**body, "model": adapter, "min_tokens": least}
 
 
 def request_text(path: str, body: dict, tokenizer) -> str:

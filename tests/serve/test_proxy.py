@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from registry import EditRegistry
 from registry.peft_format import adapter_name
 from sola_core.launch import free_port
+from sola_core.proxy import forwarded
 from tests.serve.conftest import FRANCE, JAPAN, TRAIN, Served, sola
 from tests.sola_core.test_peft_export import vllm_problems
 
@@ -184,3 +185,14 @@ def test_router_mode_refuses_what_it_cannot_do(cluster):
             (["--adapter-dir", "x"], "Error: --adapter-dir and --base-model go with --upstream\n")):
         result = CliRunner().invoke(cli, base + extra)
         assert result.exit_code != 0 and message in result.output, result.output
+
+
+def test_an_edit_s_request_asks_the_engine_for_at_least_one_token():
+    """An edit's reply does not end before its answer begins, on vLLM too (its min_tokens); the base model's
+    requests go as they came."""
+    body = {"model": "m", "prompt": "The capital of France is", "max_tokens": 5}
+    assert forwarded(body, None, "m") == body
+    assert forwarded(body, "edit-1-abc", "m") == {**body, "model": "edit-1-abc", "min_tokens": 1}
+    assert forwarded({**body, "min_tokens": 3}, "edit-1-abc", "m")["min_tokens"] == 3
+    assert forwarded({**body, "min_tokens": 0}, "edit-1-abc", "m")["min_tokens"] == 1
+    assert body == {"model": "m", "prompt": "The capital of France is", "max_tokens": 5}  # the caller's is kept
