@@ -14,7 +14,7 @@ import functools
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -358,7 +358,7 @@ class Router:
     otherwise end it at once (an empty reply to "The opera The Magic Flute is a work by the composer")."""
 
     def __init__(self, model: nn.Module, registry: EditRegistry, keys: KeySource, cache: AdapterCache,
-                 device: torch.device, ends: list[int] = ()) -> None:
+                 device: torch.device, ends: Sequence[int] = ()) -> None:
         self.model, self.registry, self.keys, self.cache, self.device = model, registry, keys, cache, device
         self.ends = torch.tensor(sorted(set(ends)), dtype=torch.long)
         cfg = registry.config
@@ -370,7 +370,7 @@ class Router:
         self._edit_mentions = EditMentions(registry, getattr(keys, "embed", None))
         registry.on_change(self._on_change)
         self._passes = PromptPasses(model, self._on_prompt)
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        head = model.get_output_embeddings()
         self._head = head.register_forward_hook(self._opening) if head is not None and len(self.ends) else None
 
     def remove(self) -> None:
